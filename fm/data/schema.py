@@ -122,8 +122,11 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write ``text`` to ``path`` through a temporary name and a rename, so a reader never sees half a file."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def load_manifest(corpus: str | os.PathLike, *, check_vocab: bool = True) -> Manifest:
@@ -137,7 +140,7 @@ def load_manifest(corpus: str | os.PathLike, *, check_vocab: bool = True) -> Man
     if not path.is_file():
         raise CorpusError(f"{path}: missing; is {corpus} a finished corpus? (fm prep convert writes it last)")
     try:
-        d = json.loads(path.read_text())
+        d = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise CorpusError(f"{path}: not valid JSON ({e})") from e
     if d.get("format") != FORMAT_NAME:

@@ -51,11 +51,14 @@ class GeneVocab:
             raise ValueError(f"vocabulary: {len(gene_ids)} gene ids but {len(symbols)} symbols")
         seen: set[str] = set()
         for g in gene_ids:
-            if not g or "\t" in g or "\n" in g:
+            if not g or any(c in g for c in "\t\n\r"):
                 raise ValueError(f"vocabulary: invalid gene id {g!r} (empty or with a tab/newline)")
             if g in seen:
                 raise ValueError(f"vocabulary: duplicate gene id {g!r}")
             seen.add(g)
+        for g, sym in zip(gene_ids, symbols, strict=True):
+            if any(c in sym for c in "\t\n\r"):  # would break the one-gene-per-line file
+                raise ValueError(f"vocabulary: invalid symbol {sym!r} of gene {g!r} (with a tab or line break)")
         self.gene_ids = list(gene_ids)
         self.symbols = symbols
         self._by_id = {g: i for i, g in enumerate(self.gene_ids)}
@@ -72,7 +75,7 @@ class GeneVocab:
         return isinstance(other, GeneVocab) and self.hash == other.hash
 
     def to_tsv(self) -> str:
-        return HEADER + "\n" + "".join(f"{g}\t{s}\n" for g, s in zip(self.gene_ids, self.symbols))
+        return HEADER + "\n" + "".join(f"{g}\t{s}\n" for g, s in zip(self.gene_ids, self.symbols, strict=True))
 
     @property
     def hash(self) -> str:
@@ -87,7 +90,10 @@ class GeneVocab:
         path = Path(path)
         if not path.is_file():
             raise CorpusError(f"{path}: vocabulary file missing")
-        lines = path.read_text().splitlines()
+        # split on "\n" only: str.splitlines also breaks at characters a symbol may hold (e.g. U+2028)
+        lines = path.read_text(encoding="utf-8").split("\n")
+        if lines and lines[-1] == "":
+            lines.pop()
         if not lines or lines[0] != HEADER:
             raise CorpusError(f"{path}: first line must be the header {HEADER!r}")
         ids, symbols = [], []

@@ -72,7 +72,8 @@ def write_shard(
     table = conform(table)
     schema = CORPUS_SCHEMA
     if metadata:
-        schema = schema.with_metadata({**CORPUS_SCHEMA.metadata, **{k.encode(): v.encode() for k, v in metadata.items()}})
+        extra = {k.encode(): v.encode() for k, v in metadata.items()}
+        schema = schema.with_metadata({**CORPUS_SCHEMA.metadata, **extra})
     batches = table.to_batches(max_chunksize=record_batch_size)
     # to_batches may split at chunk borders below the size; re-chunk so every batch but the last is full
     table = pa.Table.from_batches(batches, schema=CORPUS_SCHEMA).combine_chunks()

@@ -1,0 +1,115 @@
+"""Benchmark the converter: cells/s and peak memory (RSS of the process tree) on simulated files of two sizes.
+
+    python bench/convert.py                                   # 50k and 200k cells x 2,000 genes; a few minutes
+    python bench/convert.py --cells 20000 5000 --genes 500    # a quick one
+
+Simulated inputs are cached in --work (default /tmp/fm-bench). Each conversion runs in its own process, sampled
+with psutil every 50 ms; peak memory is the largest sum of RSS over it and its workers. Peak memory not growing
+with the file size is the point of the chunked design, so both sizes are reported. Appends a row to
+docs/BENCHMARKS.md (section "convert").
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+
+REPO = Path(__file__).resolve().parents[1]
+BENCHMARKS = REPO / "docs" / "BENCHMARKS.md"
+SECTION = "## convert"
+HEADER = (
+    "| date | machine | genes | workers | cells | seconds | cells/s | peak RSS (MiB) |\n"
+    "|---|---|---|---|---|---|---|---|\n"
+)
+
+
+def simulate_file(path: Path, n_cells: int, n_genes: int) -> Path:
+    """A simulated .h5ad (bifurcation, seed 0) with spliced, unspliced, velocity_true and the obs targets."""
+    if path.is_file():
+        return path
+    from data_prep.simulate import simulate, write
+
+    adata = simulate(n_cells=n_cells, n_genes=n_genes, regime="bifurcation", seed=0)
+    for layer in ("alpha_true", "velocity_u_true"):  # dense and not converted by default: keep the file smaller
+        del adata.layers[layer]
+    write(adata, path)
+    return path
+
+
+def measure(cmd: list[str]) -> tuple[float, float]:
+    """Run ``cmd``; return (seconds, peak RSS of its process tree in MiB)."""
+    t0 = time.perf_counter()
+    proc = psutil.Popen(cmd, stdout=subprocess.DEVNULL, cwd=REPO)
+    peak = 0
+    while proc.poll() is None:
+        try:
+            tree = [proc, *proc.children(recursive=True)]
+            peak = max(peak, sum(p.memory_info().rss for p in tree if p.is_running()))
+        except psutil.Error:
+            pass
+        time.sleep(0.05)
+    seconds = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed with exit code {proc.returncode}")
+    return seconds, peak / 2**20
+
+
+def append_row(row: str) -> None:
+    BENCHMARKS.parent.mkdir(parents=True, exist_ok=True)
+    text = BENCHMARKS.read_text() if BENCHMARKS.is_file() else "# Benchmarks\n\nOne section per bench (bench/*.py).\n"
+    if SECTION not in text:
+        text = (
+            text.rstrip("\n")
+            + f"\n\n{SECTION}\n`python bench/convert.py`: simulated .h5ad (bifurcation) -> corpus.\n\n"
+        )
+        text += HEADER
+    head, _, tail = text.partition(SECTION)
+    # the section ends at the next "## " heading; the row goes at its end
+    end = tail.find("\n## ")
+    body, rest = (tail, "") if end < 0 else (tail[: end + 1], tail[end + 1 :])
+    BENCHMARKS.write_text(head + SECTION + body.rstrip("\n") + "\n" + row + "\n" + ("\n" + rest if rest else ""))
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--cells", type=int, nargs="+", default=[50_000, 200_000])
+    p.add_argument("--genes", type=int, default=2000)
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--work", type=Path, default=Path("/tmp/fm-bench"))
+    p.add_argument("--no-record", action="store_true", help="do not append to docs/BENCHMARKS.md")
+    args = p.parse_args()
+    args.work.mkdir(parents=True, exist_ok=True)
+    machine = f"{platform.machine()} {platform.processor() or platform.system()}, {os.cpu_count()} CPUs"
+    results = []
+    for n in args.cells:
+        src = simulate_file(args.work / f"sim_{n}x{args.genes}.h5ad", n, args.genes)
+        out = args.work / f"corpus_{n}"
+        shutil.rmtree(out, ignore_errors=True)
+        cmd = [sys.executable, "-m", "data_prep.convert", str(src), "--out", str(out), "--workers", str(args.workers)]
+        cmd.append("--no-progress")
+        seconds, peak = measure(cmd)
+        size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+        print(f"{n:>9,} cells: {seconds:7.1f} s, {n / seconds:9,.0f} cells/s, peak RSS {peak:7.0f} MiB, "
+              f"input {src.stat().st_size / 2**20:,.0f} MiB, corpus {size / 2**20:,.0f} MiB")  # fmt: skip
+        results.append((n, seconds, peak))
+        if not args.no_record:
+            today = dt.date.today().isoformat()
+            append_row(
+                f"| {today} | {machine} | {args.genes} | {args.workers} | {n:,} | {seconds:.1f} | {n / seconds:,.0f} "
+                f"| {peak:.0f} |"
+            )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(REPO))
+    sys.exit(main())
