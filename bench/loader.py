@@ -1,0 +1,199 @@
+"""Loader throughput: cells/s from a corpus to collated batches, against anndata (backed) and HF ``datasets``.
+
+Writes a synthetic corpus (fm.data.writer) and the same cells as an ``.h5ad`` (layers spliced/unspliced, CSR), then
+times, in one run: ShardedDataLoader with 1 and 2 workers; random batches read from the ``.h5ad`` in backed mode
+(h5py-backed CSR rows); and iterating the same shard files with ``datasets``. All three end in the same
+tokenize_block, so the difference is the reading. Appends a row to docs/BENCHMARKS.md (``## Loader``).
+
+    python -m bench.loader --cells 6000 --nnz 2000          # ~1 min on 2 CPUs; --no-write to skip BENCHMARKS.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import logging
+import os
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from fm import keys
+from fm.data.schema import DatasetInfo, load_manifest
+from fm.data.shards import UnitIndex
+from fm.data.stream import ShardedArrowDataset, ShardedDataLoader
+from fm.data.tokenize import CellBlock, TokenizerConfig, tokenize_block
+from fm.data.vocab import GeneVocab
+from fm.data.writer import shard_name, write_manifest, write_shard
+
+log = logging.getLogger("bench.loader")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def make_data(out: Path, n_cells: int, n_genes: int, nnz: int, cells_per_shard: int = 2000, rb: int = 256):
+    """Corpus + equivalent .h5ad (cached in ``out``). Returns (corpus, h5ad path, csr spliced, csr unspliced)."""
+    import anndata as ad
+    import scipy.sparse as sp
+
+    corpus, h5ad = out / "corpus", out / "cells.h5ad"
+    rng = np.random.default_rng(0)
+    lens = rng.integers(int(nnz * 0.9), int(nnz * 1.1) + 1, n_cells)
+    offsets = np.concatenate([[0], np.cumsum(lens)])
+    genes = np.concatenate([np.sort(rng.choice(n_genes, n, replace=False)) for n in lens]).astype(np.int32)
+    s = rng.poisson(2.0, len(genes)).astype(np.float32)
+    u = rng.poisson(1.0, len(genes)).astype(np.float32)
+    s[(s + u) == 0] = 1
+    S = sp.csr_matrix((s, genes, offsets), shape=(n_cells, n_genes))
+    U = sp.csr_matrix((u, genes, offsets), shape=(n_cells, n_genes))
+    if (corpus / "manifest.json").exists() and h5ad.exists():
+        return corpus, h5ad
+    vocab = GeneVocab([f"ENSG{i:06d}" for i in range(n_genes)])
+    infos = []
+    for k, lo in enumerate(range(0, n_cells, cells_per_shard)):
+        hi = min(n_cells, lo + cells_per_shard)
+        off = pa.array((offsets[lo:hi + 1] - offsets[lo]).astype(np.int32))
+        sl = slice(offsets[lo], offsets[hi])
+        table = pa.table({
+            keys.CELL_ID: [f"c{i}" for i in range(lo, hi)], keys.DATASET_ID: ["bench"] * (hi - lo),
+            keys.GENE_INDEX: pa.ListArray.from_arrays(off, pa.array(genes[sl])),
+            keys.SPLICED: pa.ListArray.from_arrays(off, pa.array(s[sl])),
+            keys.UNSPLICED: pa.ListArray.from_arrays(off, pa.array(u[sl])),
+            keys.LIBRARY_SIZE_SPLICED: np.asarray(S[lo:hi].sum(1)).ravel().astype(np.float32),
+            keys.LIBRARY_SIZE_UNSPLICED: np.asarray(U[lo:hi].sum(1)).ravel().astype(np.float32),
+        })
+        infos.append(write_shard(corpus / "shards" / shard_name(k), table, record_batch_size=rb, dataset_id="bench"))
+    write_manifest(corpus, vocab, infos, [DatasetInfo("bench", str(h5ad), n_cells, n_cells, n_genes, n_genes, 0)],
+                   record_batch_size=rb)
+    adata = ad.AnnData(X=None, shape=(n_cells, n_genes), layers={keys.LAYER_SPLICED: S, keys.LAYER_UNSPLICED: U})
+    adata.obs_names = [f"c{i}" for i in range(n_cells)]
+    adata.write_h5ad(h5ad)
+    return corpus, h5ad
+
+
+def _block_from_csr(s_rows, u_rows, ids) -> CellBlock:
+    """A CellBlock from scipy CSR rows of the two layers (same sparsity pattern, as the converter guarantees)."""
+    n, nnz = s_rows.shape[0], s_rows.nnz
+    nan = np.full(nnz, np.nan, np.float32)
+    return CellBlock(s_rows.indptr.astype(np.int64), s_rows.indices.astype(np.int32), s_rows.data.astype(np.float32),
+                     u_rows.data.astype(np.float32), nan, nan, np.asarray(s_rows.sum(1), np.float32).ravel(),
+                     np.asarray(u_rows.sum(1), np.float32).ravel(), np.full(n, np.nan, np.float32),
+                     np.full(n, np.nan, np.float32), ids, ["bench"] * n, [None] * n)
+
+
+def time_fm(corpus: Path, workers: int, batch_size: int, tok: TokenizerConfig,
+            bucketing: bool = False) -> tuple[float, float]:
+    """(cells/s, padding fraction) over one epoch."""
+    index = UnitIndex.from_manifest(corpus, load_manifest(corpus))
+    ds = ShardedArrowDataset(index, batch_size=batch_size, tokenizer=tok, rank=0, world_size=1, remainder="drop",
+                             length_bucketing=bucketing)
+    dl = ShardedDataLoader(ds, num_workers=workers)
+    t0, n, pad, tot = time.perf_counter(), 0, 0, 0
+    for b in dl:
+        n += len(b[keys.B_CELL_ID])
+        m = b[keys.B_GENE_MASK].numpy()
+        pad, tot = pad + int(m.size - np.count_nonzero(m)), tot + m.size
+    return n / (time.perf_counter() - t0), pad / tot
+
+
+def time_anndata(h5ad: Path, n_cells: int, batch_size: int, tok: TokenizerConfig, budget: int) -> float:
+    import anndata as ad
+    import h5py
+    from anndata.io import sparse_dataset
+
+    adata = ad.read_h5ad(h5ad, backed="r")
+    f = h5py.File(h5ad, "r")
+    S, U = sparse_dataset(f["layers"][keys.LAYER_SPLICED]), sparse_dataset(f["layers"][keys.LAYER_UNSPLICED])
+    order = np.random.default_rng(0).permutation(n_cells)[:budget]
+    rng, names, t0 = np.random.default_rng(0), adata.obs_names, time.perf_counter()
+    for lo in range(0, len(order), batch_size):
+        idx = np.sort(order[lo:lo + batch_size])
+        tokenize_block(_block_from_csr(S[idx], U[idx], list(names[idx])), tok, rng)
+    rate = len(order) / (time.perf_counter() - t0)
+    f.close()
+    return rate
+
+
+def time_hf(corpus: Path, batch_size: int, tok: TokenizerConfig, budget: int, cache: Path) -> float:
+    import datasets
+    import scipy.sparse as sp
+
+    files = sorted(str(p) for p in (corpus / "shards").glob("*.arrow"))
+    ds = datasets.load_dataset("arrow", data_files=files, split="train", cache_dir=str(cache)).shuffle(seed=0)
+    ds = ds.with_format("numpy")
+    rng, t0, n = np.random.default_rng(0), time.perf_counter(), 0
+    for batch in ds.iter(batch_size=batch_size):
+        g, s, u = batch[keys.GENE_INDEX], batch[keys.SPLICED], batch[keys.UNSPLICED]
+        indptr = np.concatenate([[0], np.cumsum([len(x) for x in g])])
+        shape = (len(g), int(max(x.max() for x in g)) + 1)
+        S = sp.csr_matrix((np.concatenate(s), np.concatenate(g), indptr), shape=shape)
+        U = sp.csr_matrix((np.concatenate(u), np.concatenate(g), indptr), shape=shape)
+        tokenize_block(_block_from_csr(S, U, list(batch[keys.CELL_ID])), tok, rng)
+        n += len(g)
+        if n >= budget:
+            break
+    return n / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--cells", type=int, default=6000)
+    p.add_argument("--genes", type=int, default=20000, help="vocabulary size")
+    p.add_argument("--nnz", type=int, default=2000, help="mean stored genes per cell")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--max-genes", type=int, default=2048)
+    p.add_argument("--baseline-cells", type=int, default=1500, help="cells timed for the anndata / datasets paths")
+    p.add_argument("--out", type=Path, default=Path("/tmp/fm-bench-loader"))
+    p.add_argument("--no-write", action="store_true", help="do not append to docs/BENCHMARKS.md")
+    a = p.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    torch.set_num_threads(1)  # the loader is numpy; torch threads only contend
+    a.out.mkdir(parents=True, exist_ok=True)
+    corpus, h5ad = make_data(a.out, a.cells, a.genes, a.nnz)
+    tok = TokenizerConfig(max_genes=a.max_genes)
+    res = {}
+    for w in (1, 2):
+        res[f"fm_w{w}"], pad = time_fm(corpus, w, a.batch_size, tok)
+    res["fm_bucketed_w1"], pad_b = time_fm(corpus, 1, a.batch_size, tok, bucketing=True)
+    res["anndata"] = time_anndata(h5ad, a.cells, a.batch_size, tok, a.baseline_cells)
+    res["datasets"] = time_hf(corpus, a.batch_size, tok, a.baseline_cells, a.out / "hf-cache")
+    machine = f"{platform.node()} ({os.cpu_count()} CPUs, load {os.getloadavg()[0]:.0f})"
+    line = (f"| {dt.date.today()} | {machine} | {a.cells} cells, ~{a.nnz} genes/cell, "
+            f"B={a.batch_size}, max_genes={a.max_genes} | {res['fm_w1']:,.0f} | {res['fm_w2']:,.0f} | "
+            f"{res['anndata']:,.0f} | {res['datasets']:,.0f} | {res['fm_w1'] / res['anndata']:.1f}x | "
+            f"{pad:.3f} / {pad_b:.3f} |")
+    log.info(line)
+    if not a.no_write:
+        append_row(ROOT / "docs" / "BENCHMARKS.md", line)
+
+
+HEADER = """## Loader
+
+`python -m bench.loader`: cells/s from corpus to collated batch (fm: ShardedDataLoader, 1 or 2 workers; anndata:
+random batches of backed `.h5ad` rows; datasets: `load_dataset("arrow")` over the same shards, shuffled), all
+through the same tokenize_block. Padding: share of padded token slots, without / with length bucketing.
+
+| date | machine | data | fm 1 worker | fm 2 workers | anndata backed | datasets | fm/anndata | padding |
+|---|---|---|---|---|---|---|---|---|
+"""
+
+
+def append_row(path: Path, line: str) -> None:
+    """Add ``line`` to the ``## Loader`` table, creating the section (never rewriting other sections)."""
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    if "## Loader" not in text:
+        text = text.rstrip("\n") + "\n\n" + HEADER + line + "\n"
+    else:
+        head, rest = text.split("## Loader", 1)
+        nxt = rest.find("\n## ")
+        section, tail = (rest, "") if nxt < 0 else (rest[:nxt], rest[nxt:])
+        text = head + "## Loader" + section.rstrip("\n") + "\n" + line + "\n" + tail
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,401 @@
+"""Stream a corpus as model batches: ShardedArrowDataset (an IterableDataset) and its stateful ShardedDataLoader.
+
+Each reader (rank x data-loader worker) reads its span of the epoch's deal (fm.data.shards: the deal and the
+``drop``/``wrap`` remainder policy) through memory-mapped shards, and yields whole batches, so the DataLoader runs
+with ``batch_size=None``. Every reader yields the same number of batches, so every rank does.
+
+Shuffle buffer: a reader cuts its span into windows of ``shuffle_buffer`` cells (rounded up to whole batches),
+decodes a window's record batches (zero-copy views into the memory map) and yields its cells in a permutation
+seeded by (seed, epoch, reader, window). As the units of a span are already a random draw over all shards, a batch
+mixes cells of about ``shuffle_buffer / record_batch_size`` record batches from random shards. With
+``length_bucketing`` the window's cells are grouped into batches of similar length, in a random batch order.
+
+Resume: batch k of a rank comes from worker ``k % W`` (DataLoader round-robin, equal counts per worker), so the
+number of batches the main process handed out fixes every reader's position; the loader's ``state_dict`` holds it
+and the workers skip straight to the window they are in, without decoding the skipped record batches. Gene sampling
+draws from a generator seeded by (seed, epoch, reader, batch), so a resumed stream is bit-identical.
+
+A shard that fails at read time raises with its file name, even with ``tolerant``: skipping it then would give the
+ranks different batch counts. ``tolerant`` acts at setup (fm.data.shards.check_shards).
+
+    python -c "from fm.data.stream import ShardedArrowDataset; help(ShardedArrowDataset)"
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from fm import keys
+from fm.data.schema import CorpusError
+from fm.data.shards import REMAINDERS, EpochPlan, ShardReader, UnitIndex, batches_per_reader
+from fm.data.tokenize import CellBlock, TokenizerConfig, tokenize_block
+
+log = logging.getLogger(__name__)
+
+STATE_VERSION = 1
+_MAX_OPEN_SHARDS = 64
+
+
+def _rank_and_world_size() -> tuple[int, int]:
+    """Rank and world size of the running job ((0, 1) outside torch.distributed).
+
+    The one place the data package asks; it defers to fm.distributed when that module provides the answer.
+    """
+    try:
+        from fm.distributed import get_rank, get_world_size  # type: ignore[attr-defined]
+
+        return int(get_rank()), int(get_world_size())
+    except ImportError:
+        pass
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _as_is(batch):
+    """The batches are collated already (module level so workers can pickle it)."""
+    return batch
+
+
+def _ranges(starts: np.ndarray, lens: np.ndarray) -> np.ndarray:
+    """Concatenated ``arange(s, s + n)`` for each (s, n), without a Python loop."""
+    total = int(lens.sum())
+    if total == 0:
+        return np.zeros(0, np.int64)
+    cum = np.cumsum(lens) - lens
+    return np.repeat(starts.astype(np.int64) - cum, lens) + np.arange(total, dtype=np.int64)
+
+
+@dataclass
+class _Unit:
+    """A decoded record batch: numpy views of the memory-mapped buffers."""
+
+    offsets: np.ndarray  # int64 [n+1] into the value arrays
+    gene_index: np.ndarray  # int32 [nnz]
+    spliced: np.ndarray
+    unspliced: np.ndarray
+    velocity: np.ndarray | None  # float32 [nnz] aligned with gene_index (NaN for cells without), None if absent
+    velocity_u: np.ndarray | None
+    lib_s: np.ndarray  # float32 [n]
+    lib_u: np.ndarray
+    size_factor: np.ndarray  # float32 [n], NaN unknown
+    time: np.ndarray
+    cell_id: pa.Array
+    dataset_id: pa.Array
+    cell_type: pa.Array
+
+
+def _list_parts(arr: pa.ListArray) -> tuple[np.ndarray, np.ndarray]:
+    return arr.offsets.to_numpy().astype(np.int64), arr.values.to_numpy(zero_copy_only=False)
+
+
+def _scalar(arr: pa.Array) -> np.ndarray:
+    return pc.fill_null(arr, float("nan")).to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
+
+
+def decode_unit(rb: pa.RecordBatch, where: str) -> _Unit:
+    """Numpy views of one record batch (flat values + offsets; no per-cell Python)."""
+    col = rb.column
+    offsets, genes = _list_parts(col(keys.GENE_INDEX))
+    parts = {}
+    for name in (keys.SPLICED, keys.UNSPLICED):
+        off, parts[name] = _list_parts(col(name))
+        if not np.array_equal(off - off[0], offsets - offsets[0]):
+            raise CorpusError(f"{where}: column {name!r} is not aligned with {keys.GENE_INDEX!r}")
+        parts[name] = parts[name][off[0]:]
+    genes = genes[offsets[0]:]
+    offsets = offsets - offsets[0]
+    optional = {}
+    for name in (keys.VELOCITY, keys.VELOCITY_U):
+        arr = col(name)
+        if arr.null_count == len(arr):
+            optional[name] = None
+            continue
+        off, vals = _list_parts(arr)
+        valid = ~arr.is_null().to_numpy(zero_copy_only=False)
+        lens, want = np.diff(off), np.diff(offsets)
+        if np.any(lens[valid] != want[valid]):
+            raise CorpusError(f"{where}: column {name!r} is not aligned with {keys.GENE_INDEX!r}")
+        out = np.full(int(offsets[-1]), np.nan, np.float32)
+        out[_ranges(offsets[:-1][valid], want[valid])] = vals[_ranges(off[:-1][valid], want[valid])]
+        optional[name] = out
+    return _Unit(
+        offsets, genes, parts[keys.SPLICED], parts[keys.UNSPLICED], optional[keys.VELOCITY], optional[keys.VELOCITY_U],
+        _scalar(col(keys.LIBRARY_SIZE_SPLICED)), _scalar(col(keys.LIBRARY_SIZE_UNSPLICED)),
+        _scalar(col(keys.SIZE_FACTOR)), _scalar(col(keys.TIME)),
+        col(keys.CELL_ID), col(keys.DATASET_ID), col(keys.CELL_TYPE),
+    )
+
+
+def gather_block(units: list[_Unit], piece_B: np.ndarray, row_B: np.ndarray, names_B: list[np.ndarray]) -> CellBlock:
+    """Copy B cells (cell b = row ``row_B[b]`` of ``units[piece_B[b]]``) into one contiguous CellBlock.
+
+    ``names_B``: the cells' cell_id, dataset_id and cell_type (object arrays, decoded once per window).
+    """
+    B = len(piece_B)
+    starts, lens = np.empty(B, np.int64), np.empty(B, np.int64)
+    present = np.unique(piece_B)
+    for p in present:
+        m = piece_B == p
+        off = units[p].offsets
+        starts[m], lens[m] = off[row_B[m]], off[row_B[m] + 1] - off[row_B[m]]
+    out_off = np.concatenate([[0], np.cumsum(lens)])
+    n = int(out_off[-1])
+    genes, s, u = np.empty(n, np.int32), np.empty(n, np.float32), np.empty(n, np.float32)
+    v, vu = np.full(n, np.nan, np.float32), np.full(n, np.nan, np.float32)
+    lib_s, lib_u, sf, tm = (np.empty(B, np.float32) for _ in range(4))
+    for p in present:
+        unit, idx = units[p], np.flatnonzero(piece_B == p)
+        rows = row_B[idx]
+        src, dst = _ranges(starts[idx], lens[idx]), _ranges(out_off[idx], lens[idx])
+        genes[dst], s[dst], u[dst] = unit.gene_index[src], unit.spliced[src], unit.unspliced[src]
+        if unit.velocity is not None:
+            v[dst] = unit.velocity[src]
+        if unit.velocity_u is not None:
+            vu[dst] = unit.velocity_u[src]
+        lib_s[idx], lib_u[idx] = unit.lib_s[rows], unit.lib_u[rows]
+        sf[idx], tm[idx] = unit.size_factor[rows], unit.time[rows]
+    cell_id, dataset_id, cell_type = (x.tolist() for x in names_B)
+    return CellBlock(out_off, genes, s, u, v, vu, lib_s, lib_u, sf, tm, cell_id, dataset_id, cell_type)
+
+
+class ShardedArrowDataset(IterableDataset):
+    """Batches of a corpus (or split), dealt to readers per epoch; see the module docstring.
+
+    Args:
+        index: the units to read (fm.data.shards.UnitIndex; a split is a row selection of it).
+        batch_size: cells per batch.
+        tokenizer: gene choice and normalisation.
+        seed: base seed of the deal, the shuffle and gene sampling.
+        shuffle: permute units and shuffle within windows (False: corpus order, e.g. validation).
+        shuffle_buffer: cells per shuffle window (rounded up to whole batches).
+        remainder: ``drop`` or ``wrap`` (fm.data.shards).
+        length_bucketing: batch cells of similar length within a window (less padding).
+        rank, world_size: this process's place in the job; None asks torch.distributed (outside it: 0, 1).
+        num_workers: the DataLoader's workers (readers per rank); ShardedDataLoader sets it.
+    """
+
+    def __init__(self, index: UnitIndex, *, batch_size: int, tokenizer: TokenizerConfig | None = None, seed: int = 0,
+                 shuffle: bool = True, shuffle_buffer: int = 8192, remainder: str = "wrap",
+                 length_bucketing: bool = False, rank: int | None = None, world_size: int | None = None,
+                 num_workers: int = 0):
+        if remainder not in REMAINDERS:
+            raise ValueError(f"remainder must be one of {REMAINDERS}, got {remainder!r}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if shuffle_buffer < 0:
+            raise ValueError(f"shuffle_buffer must be >= 0, got {shuffle_buffer}")
+        if (rank is None) != (world_size is None):
+            raise ValueError("give both rank and world_size, or neither")
+        if rank is None:
+            rank, world_size = _rank_and_world_size()
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world_size {world_size}")
+        self.index, self.batch_size, self.seed = index, batch_size, seed
+        self.tokenizer = tokenizer or TokenizerConfig()
+        self.shuffle, self.remainder, self.length_bucketing = shuffle, remainder, length_bucketing
+        self.window = max(1, -(-max(shuffle_buffer, 1) // batch_size)) * batch_size
+        self.rank, self.world_size = rank, world_size
+        self.num_workers = num_workers
+        self.epoch = 0
+        self.start_batch = 0  # batches of this rank already consumed in `epoch` (resume)
+        self._readers: OrderedDict[int, ShardReader] = OrderedDict()
+
+    # --- the deal --------------------------------------------------------------------------------------------------
+    @property
+    def workers_per_rank(self) -> int:
+        return max(1, self.num_workers)
+
+    @property
+    def n_readers(self) -> int:
+        return self.world_size * self.workers_per_rank
+
+    @property
+    def batches_per_reader(self) -> int:
+        return batches_per_reader(self.index.n_cells, self.n_readers, self.batch_size, self.remainder)
+
+    def __len__(self) -> int:
+        """Batches per rank per epoch (the same on every rank)."""
+        return self.batches_per_reader * self.workers_per_rank
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """The epoch the next iteration reads, and how many of this rank's batches to skip (resume)."""
+        if not 0 <= start_batch <= len(self):
+            raise ValueError(f"start_batch {start_batch} outside [0, {len(self)}]")
+        self.epoch, self.start_batch = int(epoch), int(start_batch)
+
+    def reader_batches_done(self, consumed: int) -> list[int]:
+        """Batches each worker of a rank has yielded once the rank handed out ``consumed`` batches."""
+        W = self.workers_per_rank
+        return [max(0, -(-(consumed - w) // W)) for w in range(W)]
+
+    def plan(self, epoch: int) -> EpochPlan:
+        return EpochPlan(self.index, seed=self.seed, epoch=epoch, n_readers=self.n_readers,
+                         batch_size=self.batch_size, remainder=self.remainder, shuffle=self.shuffle)
+
+    # --- iteration -------------------------------------------------------------------------------------------------
+    def __iter__(self):
+        info = get_worker_info()
+        n_workers, worker = (1, 0) if info is None else (info.num_workers, info.id)
+        if n_workers != self.workers_per_rank:
+            raise RuntimeError(
+                f"ShardedArrowDataset was dealt for {self.workers_per_rank} workers per rank but runs in a DataLoader "
+                f"with {n_workers}; build the loader with ShardedDataLoader (it sets num_workers)"
+            )
+        # the DataLoader asks worker 0 first; after k consumed batches the next one is logical worker k % W's
+        logical = (worker + self.start_batch) % n_workers
+        skip = self.reader_batches_done(self.start_batch)[logical]
+        yield from self.iter_reader(self.epoch, self.rank * n_workers + logical, skip)
+
+    def iter_reader(self, epoch: int, reader: int, skip: int = 0):
+        """The batches of one reader in one epoch, from its batch ``skip`` on."""
+        plan = self.plan(epoch)
+        B, S = self.batch_size, self.window
+        length = plan.n_batches * B
+        start = plan.reader_start(reader)
+        for w in range(skip * B // S, -(-length // S)):
+            lo, hi = w * S, min(length, (w + 1) * S)
+            units, piece_C, row_C, lens_C, names_C = self._load_window(plan, start + lo, hi - lo)
+            order = np.arange(hi - lo)
+            if self.shuffle:
+                rng = np.random.default_rng([self.seed, epoch, reader, w, 0])
+                order = rng.permutation(hi - lo)
+                if self.length_bucketing:
+                    order = order[np.argsort(lens_C[order], kind="stable")].reshape(-1, B)
+                    order = order[rng.permutation(len(order))].reshape(-1)
+            first = w * S // B
+            for b in range(max(skip, first), first + (hi - lo) // B):
+                cells = order[(b - first) * B: (b - first + 1) * B]
+                block = gather_block(units, piece_C[cells], row_C[cells], [x[cells] for x in names_C])
+                yield tokenize_block(block, self.tokenizer, np.random.default_rng([self.seed, epoch, reader, b, 1]))
+
+    def _load_window(self, plan: EpochPlan, start: int, length: int):
+        """Decode the units covering virtual cells [start, start + length).
+
+        Returns (units, piece_C, row_C, lens_C, names_C): per window cell its unit, row, stored-gene count, and
+        [cell_id, dataset_id, cell_type] as object arrays.
+        """
+        units, piece, rows, names = [], [], [], ([], [], [])
+        for k, (u, lo, hi) in enumerate(plan.pieces(start, length)):
+            unit = self.index.units[u]
+            path = self.index.shard_paths[unit.shard]
+            decoded = decode_unit(self._reader(path).get_batch(unit.batch), f"{path} (record batch {unit.batch})")
+            r = np.arange(lo, hi) if unit.rows is None else unit.rows[lo:hi]
+            units.append(decoded)
+            take = pa.array(r)
+            for out, arr in zip(names, (decoded.cell_id, decoded.dataset_id, decoded.cell_type), strict=True):
+                out += arr.take(take).to_pylist()
+            piece.append(np.full(hi - lo, k, np.int64))
+            rows.append(r.astype(np.int64))
+        piece_C, row_C = np.concatenate(piece), np.concatenate(rows)
+        lens_C = np.empty(len(row_C), np.int64)
+        for k, unit in enumerate(units):
+            m = piece_C == k
+            lens_C[m] = np.diff(unit.offsets)[row_C[m]]
+        return units, piece_C, row_C, lens_C, [np.array(x, dtype=object) for x in names]
+
+    def _reader(self, path: str) -> ShardReader:
+        reader = self._readers.pop(path, None) or ShardReader(path)
+        self._readers[path] = reader
+        while len(self._readers) > _MAX_OPEN_SHARDS:
+            self._readers.popitem(last=False)[1].close()
+        return reader
+
+    def __getstate__(self):  # open memory maps stay in the process that opened them
+        state = self.__dict__.copy()
+        state["_readers"] = OrderedDict()
+        return state
+
+
+class ShardedDataLoader(DataLoader):
+    """A DataLoader over a ShardedArrowDataset with ``state_dict``/``load_state_dict`` (Lightning saves it).
+
+    Each ``iter()`` starts the next epoch (0 first), or, right after ``load_state_dict``/``set_epoch``, the given
+    epoch and position. ``len()`` is the number of batches per rank per epoch, so Lightning does not prefetch past
+    the batch it trains on and the consumed count in a checkpoint is exact. Workers are not persistent: each epoch
+    starts them with the epoch and position they need. ``fixed_epoch`` (validation) reads that epoch every time.
+    """
+
+    def __init__(self, dataset: ShardedArrowDataset, *, num_workers: int = 0, pin_memory: bool = False,
+                 prefetch_factor: int | None = None, multiprocessing_context=None, timeout: float = 0,
+                 fixed_epoch: int | None = None):
+        dataset.num_workers = num_workers
+        super().__init__(dataset, batch_size=None, shuffle=None, num_workers=num_workers, pin_memory=pin_memory,
+                         collate_fn=_as_is,
+                         prefetch_factor=prefetch_factor if num_workers > 0 else None, persistent_workers=False,
+                         multiprocessing_context=multiprocessing_context, timeout=timeout)
+        self._next = (0, 0)  # (epoch, start batch) of the next iter()
+        self._pending = True  # the state is `_next` (nothing read since it was set), else (_epoch, _consumed)
+        self._epoch, self._consumed = 0, 0
+        self.fixed_epoch = fixed_epoch  # validation: every iter() reads this epoch from its start
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Make the next ``iter()`` read ``epoch`` from its start."""
+        self._next, self._pending = (int(epoch), 0), True
+
+    def __iter__(self):
+        epoch, start = self._next if self.fixed_epoch is None else (self.fixed_epoch, 0)
+        if start >= len(self):  # a state saved at the end of an epoch resumes at the next one
+            epoch, start = epoch + 1, 0
+        self.dataset.set_epoch(epoch, start)
+        self._epoch, self._consumed, self._next, self._pending = epoch, start, (epoch + 1, 0), False
+        if start:
+            log.info("resuming the stream at epoch %d, batch %d of %d", epoch, start, len(self))
+        return self._count(super().__iter__())
+
+    def _count(self, it):
+        for batch in it:
+            self._consumed += 1  # before the yield: a checkpoint taken while this batch trains counts it
+            yield batch
+
+    def state_dict(self) -> dict:
+        ds: ShardedArrowDataset = self.dataset
+        epoch, consumed = self._next if self._pending else (self._epoch, self._consumed)
+        done = ds.reader_batches_done(consumed)
+        return {
+            "version": STATE_VERSION,
+            "epoch": epoch,
+            "batches_consumed": consumed,  # by each rank (equal on all ranks, so rank 0's checkpoint suffices)
+            "batches_per_epoch": len(self),
+            "seed": ds.seed,
+            "batch_size": ds.batch_size,
+            "world_size": ds.world_size,
+            "num_workers": ds.num_workers,
+            "remainder": ds.remainder,
+            "n_cells": ds.index.n_cells,
+            "n_units": ds.index.n_units,
+            # batches yielded by every reader (rank * workers + worker), derived from batches_consumed
+            "reader_batches": [done[w] for _ in range(ds.world_size) for w in range(ds.workers_per_rank)],
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        ds: ShardedArrowDataset = self.dataset
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"stream state: field 'version' is {state.get('version')!r}, expected {STATE_VERSION}")
+        for name, mine in (("seed", ds.seed), ("batch_size", ds.batch_size), ("n_cells", ds.index.n_cells),
+                           ("n_units", ds.index.n_units), ("remainder", ds.remainder)):
+            if state[name] != mine:
+                raise ValueError(f"stream state: field {name!r} is {state[name]!r} in the checkpoint, {mine!r} now")
+        epoch, consumed = int(state["epoch"]), int(state["batches_consumed"])
+        mid_epoch = 0 < consumed < state["batches_per_epoch"]
+        for name, mine in (("world_size", ds.world_size), ("num_workers", ds.num_workers)):
+            if mid_epoch and state[name] != mine:
+                raise ValueError(
+                    f"stream state: field {name!r} is {state[name]!r} in the checkpoint, {mine!r} now; a stream "
+                    f"resumes mid-epoch only with the same {name} (an end-of-epoch checkpoint resumes with any)"
+                )
+        if not mid_epoch:
+            epoch, consumed = (epoch + 1, 0) if consumed else (epoch, 0)
+        self._next, self._pending = (epoch, consumed), True

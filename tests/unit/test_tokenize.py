@@ -1,0 +1,117 @@
+"""Tokenization: gene choice, normalisation, log1p, padding and masks.
+
+    python -m pytest -q tests/unit/test_tokenize.py
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from fm import keys
+from fm.data.tokenize import CellBlock, TokenizerConfig, tokenize_block
+
+
+def _block(cells: list[tuple[list[int], list[float], list[float]]], size_factor=None, velocity=False) -> CellBlock:
+    lens = [len(g) for g, _, _ in cells]
+    cat = lambda i, dt: np.concatenate([np.asarray(c[i], dt) for c in cells]) if cells else np.zeros(0, dt)
+    s, u = cat(1, np.float32), cat(2, np.float32)
+    B = len(cells)
+    v = s * 0.5 if velocity else np.full(len(s), np.nan, np.float32)
+    return CellBlock(
+        offsets_B1=np.concatenate([[0], np.cumsum(lens)]).astype(np.int64), gene_index_N=cat(0, np.int32),
+        spliced_N=s, unspliced_N=u, velocity_N=v, velocity_u_N=np.full(len(s), np.nan, np.float32),
+        library_size_spliced_B=np.array([sum(c[1]) for c in cells], np.float32),
+        library_size_unspliced_B=np.array([sum(c[2]) for c in cells], np.float32),
+        size_factor_B=np.asarray(size_factor if size_factor is not None else [np.nan] * B, np.float32),
+        time_B=np.full(B, np.nan, np.float32), cell_id=[f"c{i}" for i in range(B)], dataset_id=["d"] * B,
+        cell_type=[None] * B,
+    )
+
+
+CELLS = [([1, 4, 7], [2.0, 0.0, 8.0], [1.0, 3.0, 0.0]), ([2], [5.0], [0.0])]
+
+
+def test_shapes_dtypes_padding_and_masks():
+    out = tokenize_block(_block(CELLS), TokenizerConfig(), np.random.default_rng(0))
+    assert out[keys.B_GENE_IDS].dtype == torch.int64 and out[keys.B_GENE_IDS].shape == (2, 3)
+    assert out[keys.B_GENE_MASK].tolist() == [[True] * 3, [True, False, False]]
+    assert out[keys.B_GENE_IDS].tolist() == [[1, 4, 7], [2, 0, 0]]
+    assert out[keys.B_SPLICED_COUNTS].tolist() == [[2, 0, 8], [5, 0, 0]]
+    for k in (keys.B_SPLICED, keys.B_UNSPLICED, keys.B_SPLICED_COUNTS, keys.B_VELOCITY, keys.B_LIBRARY_SIZE_SPLICED):
+        assert out[k].dtype == torch.float32
+    assert torch.isnan(out[keys.B_VELOCITY]).all() and torch.isnan(out[keys.B_TIME]).all()
+    assert out[keys.B_LIBRARY_SIZE_SPLICED].tolist() == [10.0, 5.0]
+    assert out[keys.B_CELL_ID] == ["c0", "c1"] and out[keys.B_CELL_TYPE] == [None, None]
+    assert out[keys.B_UNSPLICED][1].tolist() == [0.0, 0.0, 0.0]  # zero unspliced library: zeros, no NaN
+
+
+def test_velocity_nan_only_where_unknown_and_at_padding():
+    out = tokenize_block(_block(CELLS, velocity=True), TokenizerConfig(), np.random.default_rng(0))
+    v = out[keys.B_VELOCITY]
+    assert v[0].tolist() == [1.0, 0.0, 4.0] and v[1, 0] == 2.5 and torch.isnan(v[1, 1:]).all()
+
+
+@pytest.mark.parametrize("normalization", ["total", "size_factor", "none"])
+def test_normalisation_then_log1p(normalization):
+    cfg = TokenizerConfig(normalization=normalization, target_sum=100.0)
+    out = tokenize_block(_block(CELLS, size_factor=[2.0, 0.5]), cfg, np.random.default_rng(0))
+    s = np.array([[2.0, 0.0, 8.0], [5.0, 0, 0]])
+    u = np.array([[1.0, 3.0, 0.0], [0, 0, 0]])
+    if normalization == "total":
+        s_n, u_n = s / s.sum(1, keepdims=True) * 100, u / np.maximum(u.sum(1, keepdims=True), 1) * 100
+    elif normalization == "size_factor":
+        sf = np.array([[2.0], [0.5]])
+        s_n, u_n = s / sf, u / sf
+    else:
+        s_n, u_n = s, u
+    np.testing.assert_allclose(out[keys.B_SPLICED].numpy(), np.log1p(s_n), rtol=1e-6)
+    np.testing.assert_allclose(out[keys.B_UNSPLICED].numpy(), np.log1p(u_n), rtol=1e-6)
+
+
+def test_size_factor_missing_names_the_cell():
+    with pytest.raises(ValueError, match="'c1'.*size_factor"):
+        tokenize_block(_block(CELLS, size_factor=[1.0, np.nan]), TokenizerConfig(normalization="size_factor"),
+                       np.random.default_rng(0))
+
+
+def test_max_genes_random_is_a_seeded_sorted_subset_shared_by_modalities():
+    rng = np.random.default_rng(1)
+    genes = np.sort(rng.choice(1000, 300, replace=False))
+    s, u = rng.integers(1, 50, 300).astype(float), rng.integers(0, 50, 300).astype(float)
+    cells = [(genes.tolist(), s.tolist(), u.tolist()), ([3, 5], [1.0, 1.0], [1.0, 1.0])]
+    cfg = TokenizerConfig(max_genes=64)
+    a = tokenize_block(_block(cells), cfg, np.random.default_rng(7))
+    b = tokenize_block(_block(cells), cfg, np.random.default_rng(7))
+    c = tokenize_block(_block(cells), cfg, np.random.default_rng(8))
+    ids = a[keys.B_GENE_IDS][0].numpy()
+    assert a[keys.B_GENE_IDS].shape == (2, 64) and a[keys.B_GENE_MASK][0].all()
+    assert np.all(np.diff(ids) > 0) and set(ids) <= set(genes)
+    assert torch.equal(a[keys.B_GENE_IDS], b[keys.B_GENE_IDS]) and not torch.equal(a[keys.B_GENE_IDS],
+                                                                                     c[keys.B_GENE_IDS])
+    pos = np.searchsorted(genes, ids)  # both modalities carry the chosen genes' own counts
+    np.testing.assert_array_equal(a[keys.B_SPLICED_COUNTS][0].numpy(), s[pos])
+    np.testing.assert_array_equal(a[keys.B_UNSPLICED_COUNTS][0].numpy(), u[pos])
+    assert a[keys.B_GENE_MASK][1].sum() == 2  # a short cell keeps all its genes
+
+
+def test_max_genes_top_expressed_keeps_the_largest():
+    cells = [([0, 1, 2, 3, 4], [1.0, 9.0, 0.0, 5.0, 2.0], [0.0, 0.0, 1.0, 5.0, 0.0])]
+    out = tokenize_block(_block(cells), TokenizerConfig(max_genes=2, gene_sampling="top_expressed"),
+                         np.random.default_rng(0))
+    assert out[keys.B_GENE_IDS].tolist() == [[1, 3]]
+    # library size is the whole cell's, not the chosen genes'
+    np.testing.assert_allclose(out[keys.B_SPLICED].numpy(), np.log1p(np.array([[9.0, 5.0]]) / 17 * 1e4), rtol=1e-6)
+
+
+def test_all_empty_cells():
+    out = tokenize_block(_block([([], [], []), ([], [], [])]), TokenizerConfig(), np.random.default_rng(0))
+    assert out[keys.B_GENE_MASK].shape == (2, 1) and not out[keys.B_GENE_MASK].any()
+
+
+@pytest.mark.parametrize("field,value", [("max_genes", 0), ("gene_sampling", "first"), ("normalization", "cpm"),
+                                         ("target_sum", -1.0)])
+def test_config_errors_name_the_field(field, value):
+    with pytest.raises(ValueError, match=f"TokenizerConfig.{field}"):
+        TokenizerConfig(**{field: value})
