@@ -85,21 +85,27 @@ def _block_from_csr(s_rows, u_rows, ids) -> CellBlock:
 
 
 def time_fm(corpus: Path, workers: int, batch_size: int, tok: TokenizerConfig,
-            bucketing: bool = False) -> tuple[float, float]:
-    """(cells/s, padding fraction) over one epoch."""
+            bucketing: bool = False) -> tuple[float, float, float]:
+    """(cells/s, padding fraction, cells per CPU-second of this process) over one epoch.
+
+    The CPU rate counts this process only: with workers 0 it is the whole cost of reading and tokenizing, free of
+    the machine's load; with workers it is the trainer's share.
+    """
     index = UnitIndex.from_manifest(corpus, load_manifest(corpus))
     ds = ShardedArrowDataset(index, batch_size=batch_size, tokenizer=tok, rank=0, world_size=1, remainder="drop",
                              length_bucketing=bucketing)
     dl = ShardedDataLoader(ds, num_workers=workers)
-    t0, n, pad, tot = time.perf_counter(), 0, 0, 0
+    t0, c0, n, pad, tot = time.perf_counter(), time.process_time(), 0, 0, 0
     for b in dl:
         n += len(b[keys.B_CELL_ID])
         m = b[keys.B_GENE_MASK].numpy()
         pad, tot = pad + int(m.size - np.count_nonzero(m)), tot + m.size
-    return n / (time.perf_counter() - t0), pad / tot
+    return n / (time.perf_counter() - t0), pad / tot, n / (time.process_time() - c0)
 
 
-def time_anndata(h5ad: Path, n_cells: int, batch_size: int, tok: TokenizerConfig, budget: int) -> float:
+def time_anndata(h5ad: Path, n_cells: int, batch_size: int, tok: TokenizerConfig,
+                 budget: int) -> tuple[float, float]:
+    """(cells/s, cells per CPU-second) reading random batches of rows from the backed .h5ad, in this process."""
     import anndata as ad
     import h5py
     from anndata.io import sparse_dataset
@@ -108,13 +114,13 @@ def time_anndata(h5ad: Path, n_cells: int, batch_size: int, tok: TokenizerConfig
     f = h5py.File(h5ad, "r")
     S, U = sparse_dataset(f["layers"][keys.LAYER_SPLICED]), sparse_dataset(f["layers"][keys.LAYER_UNSPLICED])
     order = np.random.default_rng(0).permutation(n_cells)[:budget]
-    rng, names, t0 = np.random.default_rng(0), adata.obs_names, time.perf_counter()
+    rng, names, t0, c0 = np.random.default_rng(0), adata.obs_names, time.perf_counter(), time.process_time()
     for lo in range(0, len(order), batch_size):
         idx = np.sort(order[lo:lo + batch_size])
-        tokenize_block(_block_from_csr(S[idx], U[idx], list(names[idx])), tok, rng)
-    rate = len(order) / (time.perf_counter() - t0)
+        tokenize_block(_block_from_csr(S[idx], U[idx], list(names[idx])), tok, rng, targets=())
+    rates = len(order) / (time.perf_counter() - t0), len(order) / (time.process_time() - c0)
     f.close()
-    return rate
+    return rates
 
 
 def time_hf(corpus: Path, batch_size: int, tok: TokenizerConfig, budget: int, cache: Path) -> float:
@@ -131,7 +137,7 @@ def time_hf(corpus: Path, batch_size: int, tok: TokenizerConfig, budget: int, ca
         shape = (len(g), int(max(x.max() for x in g)) + 1)
         S = sp.csr_matrix((np.concatenate(s), np.concatenate(g), indptr), shape=shape)
         U = sp.csr_matrix((np.concatenate(u), np.concatenate(g), indptr), shape=shape)
-        tokenize_block(_block_from_csr(S, U, list(batch[keys.CELL_ID])), tok, rng)
+        tokenize_block(_block_from_csr(S, U, list(batch[keys.CELL_ID])), tok, rng, targets=())
         n += len(g)
         if n >= budget:
             break
@@ -155,16 +161,17 @@ def main() -> None:
     corpus, h5ad = make_data(a.out, a.cells, a.genes, a.nnz)
     tok = TokenizerConfig(max_genes=a.max_genes)
     res = {}
+    res["fm_w0"], pad, res["fm_w0_cpu"] = time_fm(corpus, 0, a.batch_size, tok)
     for w in (1, 2):
-        res[f"fm_w{w}"], pad = time_fm(corpus, w, a.batch_size, tok)
-    res["fm_bucketed_w1"], pad_b = time_fm(corpus, 1, a.batch_size, tok, bucketing=True)
-    res["anndata"] = time_anndata(h5ad, a.cells, a.batch_size, tok, a.baseline_cells)
+        res[f"fm_w{w}"], _, _ = time_fm(corpus, w, a.batch_size, tok)
+    _, pad_b, _ = time_fm(corpus, 0, a.batch_size, tok, bucketing=True)
+    res["anndata"], res["anndata_cpu"] = time_anndata(h5ad, a.cells, a.batch_size, tok, a.baseline_cells)
     res["datasets"] = time_hf(corpus, a.batch_size, tok, a.baseline_cells, a.out / "hf-cache")
     machine = f"{platform.node()} ({os.cpu_count()} CPUs, load {os.getloadavg()[0]:.0f})"
     line = (f"| {dt.date.today()} | {machine} | {a.cells} cells, ~{a.nnz} genes/cell, "
-            f"B={a.batch_size}, max_genes={a.max_genes} | {res['fm_w1']:,.0f} | {res['fm_w2']:,.0f} | "
-            f"{res['anndata']:,.0f} | {res['datasets']:,.0f} | {res['fm_w1'] / res['anndata']:.1f}x | "
-            f"{pad:.3f} / {pad_b:.3f} |")
+            f"B={a.batch_size}, max_genes={a.max_genes} | {res['fm_w0']:,.0f} | {res['fm_w0_cpu']:,.0f} | "
+            f"{res['fm_w1']:,.0f} | {res['fm_w2']:,.0f} | {res['anndata']:,.0f} | {res['anndata_cpu']:,.0f} | "
+            f"{res['datasets']:,.0f} | {res['fm_w0_cpu'] / res['anndata_cpu']:.1f}x | {pad:.3f} / {pad_b:.3f} |")
     log.info(line)
     if not a.no_write:
         append_row(ROOT / "docs" / "BENCHMARKS.md", line)
@@ -172,13 +179,16 @@ def main() -> None:
 
 HEADER = """## Loader
 
-`python -m bench.loader`: cells/s from corpus to collated batch (fm: ShardedDataLoader, 1 or 2 workers; anndata:
-random batches of backed `.h5ad` rows; datasets: `load_dataset("arrow")` over the same shards, shuffled), all
-through the same tokenize_block. Padding: share of padded token slots, without / with length bucketing.
+`python -m bench.loader`: cells/s from corpus to collated batch (fm: ShardedDataLoader in-process and with 1 or 2
+workers; anndata: random batches of backed `.h5ad` rows; datasets: `load_dataset("arrow")` over the same shards,
+shuffled), all through the same tokenize_block. "per CPU-s": cells per CPU-second of the one process doing all the
+work, which the machine's load does not distort; fm/anndata compares those. Padding: share of padded token slots,
+without / with length bucketing.
 
-| date | machine | data | fm 1 worker | fm 2 workers | anndata backed | datasets | fm/anndata | padding |
-|---|---|---|---|---|---|---|---|---|
 """
+COLUMNS = ["date", "machine", "data", "fm in-process", "fm per CPU-s", "fm 1 worker", "fm 2 workers", "anndata backed",
+           "anndata per CPU-s", "datasets", "fm/anndata (CPU-s)", "padding"]
+HEADER += "| " + " | ".join(COLUMNS) + " |\n" + "|---" * len(COLUMNS) + "|\n"
 
 
 def append_row(path: Path, line: str) -> None:

@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from fm import keys
 from fm.data.schema import CORPUS_SCHEMA, SCHEMA_VERSION, CorpusError, Manifest, sha256_file
 
 log = logging.getLogger(__name__)
@@ -53,8 +54,9 @@ class Unit:
 class UnitIndex:
     """The units of a corpus (or of one split of it), in manifest order."""
 
-    def __init__(self, shard_paths: list[str], units: list[Unit]):
+    def __init__(self, shard_paths: list[str], units: list[Unit], targets: tuple[str, ...] = ()):
         self.shard_paths = list(shard_paths)
+        self.targets = tuple(targets)  # per-gene target columns some dataset of the corpus fills
         self.units = [u for u in units if u.n_cells > 0]
         self.n_cells_U = np.array([u.n_cells for u in self.units], dtype=np.int64)
 
@@ -75,7 +77,8 @@ class UnitIndex:
                 continue
             paths.append(str(Path(corpus) / s.path))
             units += [Unit(len(paths) - 1, b, int(n)) for b, n in enumerate(s.record_batch_rows)]
-        return cls(paths, units)
+        filled = {t for d in manifest.datasets for t in d.targets}
+        return cls(paths, units, tuple(t for t in (keys.VELOCITY, keys.VELOCITY_U) if t in filled))
 
     def select(self, keep: list[np.ndarray]) -> UnitIndex:
         """A new index keeping, per unit, the rows where ``keep[u]`` (bool [rows]) is True."""
@@ -83,7 +86,7 @@ class UnitIndex:
         for u, k in zip(self.units, keep, strict=True):
             rows = np.flatnonzero(k) if u.rows is None else u.rows[k]
             units.append(Unit(u.shard, u.batch, len(rows), None if len(rows) == u.n_cells and u.rows is None else rows))
-        return UnitIndex(self.shard_paths, units)
+        return UnitIndex(self.shard_paths, units, self.targets)
 
 
 def batches_per_reader(n_cells: int, n_readers: int, batch_size: int, remainder: str) -> int:

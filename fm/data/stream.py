@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from fm import keys
 from fm.data.schema import CorpusError
 from fm.data.shards import REMAINDERS, EpochPlan, ShardReader, UnitIndex, batches_per_reader
-from fm.data.tokenize import CellBlock, TokenizerConfig, tokenize_block
+from fm.data.tokenize import CellBlock, TokenizerConfig, ranges, tokenize_block
 
 log = logging.getLogger(__name__)
 
@@ -64,15 +64,6 @@ def _rank_and_world_size() -> tuple[int, int]:
 def _as_is(batch):
     """The batches are collated already (module level so workers can pickle it)."""
     return batch
-
-
-def _ranges(starts: np.ndarray, lens: np.ndarray) -> np.ndarray:
-    """Concatenated ``arange(s, s + n)`` for each (s, n), without a Python loop."""
-    total = int(lens.sum())
-    if total == 0:
-        return np.zeros(0, np.int64)
-    cum = np.cumsum(lens) - lens
-    return np.repeat(starts.astype(np.int64) - cum, lens) + np.arange(total, dtype=np.int64)
 
 
 @dataclass
@@ -126,7 +117,7 @@ def decode_unit(rb: pa.RecordBatch, where: str) -> _Unit:
         if np.any(lens[valid] != want[valid]):
             raise CorpusError(f"{where}: column {name!r} is not aligned with {keys.GENE_INDEX!r}")
         out = np.full(int(offsets[-1]), np.nan, np.float32)
-        out[_ranges(offsets[:-1][valid], want[valid])] = vals[_ranges(off[:-1][valid], want[valid])]
+        out[ranges(offsets[:-1][valid], want[valid])] = vals[ranges(off[:-1][valid], want[valid])]
         optional[name] = out
     return _Unit(
         offsets, genes, parts[keys.SPLICED], parts[keys.UNSPLICED], optional[keys.VELOCITY], optional[keys.VELOCITY_U],
@@ -140,32 +131,34 @@ def gather_block(units: list[_Unit], piece_B: np.ndarray, row_B: np.ndarray, nam
     """Copy B cells (cell b = row ``row_B[b]`` of ``units[piece_B[b]]``) into one contiguous CellBlock.
 
     ``names_B``: the cells' cell_id, dataset_id and cell_type (object arrays, decoded once per window).
+    A cell's genes are one contiguous run of its unit's arrays, so each array is one concatenation of B slices.
     """
     B = len(piece_B)
-    starts, lens = np.empty(B, np.int64), np.empty(B, np.int64)
-    present = np.unique(piece_B)
-    for p in present:
-        m = piece_B == p
-        off = units[p].offsets
-        starts[m], lens[m] = off[row_B[m]], off[row_B[m] + 1] - off[row_B[m]]
+    cells = [(units[p], int(units[p].offsets[r]), int(units[p].offsets[r + 1])) for p, r in zip(piece_B, row_B)]
+    lens = np.fromiter((hi - lo for _, lo, hi in cells), np.int64, count=B)
     out_off = np.concatenate([[0], np.cumsum(lens)])
-    n = int(out_off[-1])
-    genes, s, u = np.empty(n, np.int32), np.empty(n, np.float32), np.empty(n, np.float32)
-    v, vu = np.full(n, np.nan, np.float32), np.full(n, np.nan, np.float32)
-    lib_s, lib_u, sf, tm = (np.empty(B, np.float32) for _ in range(4))
-    for p in present:
-        unit, idx = units[p], np.flatnonzero(piece_B == p)
-        rows = row_B[idx]
-        src, dst = _ranges(starts[idx], lens[idx]), _ranges(out_off[idx], lens[idx])
-        genes[dst], s[dst], u[dst] = unit.gene_index[src], unit.spliced[src], unit.unspliced[src]
-        if unit.velocity is not None:
-            v[dst] = unit.velocity[src]
-        if unit.velocity_u is not None:
-            vu[dst] = unit.velocity_u[src]
-        lib_s[idx], lib_u[idx] = unit.lib_s[rows], unit.lib_u[rows]
-        sf[idx], tm[idx] = unit.size_factor[rows], unit.time[rows]
+
+    def concat(field: str, dtype) -> np.ndarray:
+        return np.concatenate([getattr(u, field)[lo:hi] for u, lo, hi in cells] or [np.zeros(0, dtype)])
+
+    def concat_optional(field: str) -> np.ndarray | None:
+        if all(getattr(u, field) is None for u, _, _ in cells):
+            return None
+        nan = np.float32(np.nan)
+        return np.concatenate(
+            [np.full(hi - lo, nan) if getattr(u, field) is None else getattr(u, field)[lo:hi] for u, lo, hi in cells]
+            or [np.zeros(0, np.float32)]
+        ).astype(np.float32, copy=False)
+
+    def per_cell(field: str) -> np.ndarray:
+        return np.fromiter((getattr(units[p], field)[r] for p, r in zip(piece_B, row_B)), np.float32, count=B)
+
     cell_id, dataset_id, cell_type = (x.tolist() for x in names_B)
-    return CellBlock(out_off, genes, s, u, v, vu, lib_s, lib_u, sf, tm, cell_id, dataset_id, cell_type)
+    return CellBlock(
+        out_off, concat("gene_index", np.int32), concat("spliced", np.float32), concat("unspliced", np.float32),
+        concat_optional("velocity"), concat_optional("velocity_u"), per_cell("lib_s"), per_cell("lib_u"),
+        per_cell("size_factor"), per_cell("time"), cell_id, dataset_id, cell_type,
+    )
 
 
 class ShardedArrowDataset(IterableDataset):
@@ -276,7 +269,8 @@ class ShardedArrowDataset(IterableDataset):
             for b in range(max(skip, first), first + (hi - lo) // B):
                 cells = order[(b - first) * B: (b - first + 1) * B]
                 block = gather_block(units, piece_C[cells], row_C[cells], [x[cells] for x in names_C])
-                yield tokenize_block(block, self.tokenizer, np.random.default_rng([self.seed, epoch, reader, b, 1]))
+                rng = np.random.default_rng([self.seed, epoch, reader, b, 1])
+                yield tokenize_block(block, self.tokenizer, rng, targets=self.index.targets)
 
     def _load_window(self, plan: EpochPlan, start: int, length: int):
         """Decode the units covering virtual cells [start, start + length).
