@@ -48,7 +48,10 @@ def _rank_main(rank: int, corpus: str, out: str, init: str) -> None:
 def test_two_ranks_three_workers_every_cell_once(tmp_path):
     corpus = write_corpus(tmp_path / "corpus", SHARDS, record_batch_size=8)
     assert UnitIndex.from_manifest(corpus, load_manifest(corpus)).n_units % (WORLD * WORKERS) != 0
-    mp.spawn(_rank_main, args=(str(corpus), str(tmp_path), f"file://{tmp_path / 'init'}"), nprocs=WORLD, join=True)
+    # fork, as ranks started by torchrun are ordinary processes whose DataLoader workers fork; under mp.spawn every
+    # worker would be a new interpreter importing torch (minutes on 2 cores)
+    mp.start_processes(_rank_main, args=(str(corpus), str(tmp_path), f"file://{tmp_path / 'init'}"), nprocs=WORLD,
+                       join=True, start_method="fork")
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(WORLD)]
     n_readers = WORLD * WORKERS
     for remainder in ("drop", "wrap"):
