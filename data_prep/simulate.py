@@ -43,8 +43,6 @@ GENE_TABLE_COLUMNS = tuple(
 )  # the columns of a gene table (see `make_gene_table`), in the order written to X.genes.tsv
 _JITTERED = ("alpha_on", "alpha_off", "beta", "gamma")  # rates that vary between datasets sharing a table
 VAR_FLAGS = ("multi_kinetic", "boosted", "cycling")  # gene-table flags copied into .var
-UNS_SIMULATION = "simulation"
-OBS_LIBRARY_SIZE = "library_size"  # the per-cell library-size factor (expected count = factor × noise-free amount)
 
 _CHUNK_CELLS = 2048  # fixed, so that results do not depend on the number of worker threads
 _MU_DIRECT = 25.0  # expected counts above this go to numpy's sampler; below it, vectorised inversion is faster
@@ -504,7 +502,7 @@ def model_from_adata(adata) -> KineticModel:
     ``model.evaluate(adata.obs[keys.OBS_TIME_TRUE], adata.obs[keys.OBS_LINEAGE].cat.codes)`` gives the
     noise-free u, s, α of its cells; any other times give the trajectories between and beyond them.
     """
-    params = adata.uns[UNS_SIMULATION]
+    params = adata.uns[keys.UNS_SIMULATION]
     casts = {"int": int, "float": float, "str": str}
     cfg = SimulationConfig(**{f.name: casts[f.type](params[f.name]) for f in fields(SimulationConfig)})
     table = params["gene_table"]
@@ -598,7 +596,7 @@ def simulate(
             keys.OBS_TIME_TRUE: time_C.astype(np.float32),
             keys.OBS_LINEAGE: pd.Categorical.from_codes(lineage_C, categories=names),
             keys.OBS_CLUSTERS: clusters,
-            OBS_LIBRARY_SIZE: library_C.astype(np.float32),
+            keys.OBS_LIBRARY_SIZE: library_C.astype(np.float32),
         },
         index=pd.Index([f"c{i:07d}" for i in range(C)]),
     )
@@ -624,7 +622,7 @@ def simulate(
         },
         obsm={keys.OBSM_SIM_EMBEDDING: xy_C2.astype(np.float32)},
     )
-    adata.uns[UNS_SIMULATION] = {
+    adata.uns[keys.UNS_SIMULATION] = {
         **asdict(cfg),
         "t_max": T_MAX,
         "lineages": list(names),
@@ -639,7 +637,7 @@ def write(adata, path: str | Path) -> Path:
     """Write ``adata`` to ``path`` (.h5ad) and its gene table beside it (``X.genes.tsv``), each atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    table = adata.uns[UNS_SIMULATION]["gene_table"]
+    table = adata.uns[keys.UNS_SIMULATION]["gene_table"]
     table = table.reset_index() if "gene_id" not in table.columns else table
     for target, save in (
         (gene_table_path(path), lambda p: table[list(GENE_TABLE_COLUMNS)].to_csv(p, sep="\t", index=False)),

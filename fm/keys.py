@@ -31,6 +31,8 @@ LAYER_ALPHA_TRUE = "alpha_true"  # simulator per cell-gene transcription rate
 OBS_TIME_TRUE = "time_true"
 OBS_LINEAGE = "lineage"
 OBS_CLUSTERS = "clusters"  # scVelo's default cluster key
+OBS_LIBRARY_SIZE = "library_size"  # simulator: per-cell library-size factor (expected count = factor x noise-free)
+UNS_SIMULATION = "simulation"  # simulator: every setting, the lineages and the un-jittered gene table
 VAR_GENE_ID = "gene_id"  # stable gene id column in .var (the index holds the symbol when this is present)
 VAR_BETA_TRUE = "beta_true"
 VAR_GAMMA_TRUE = "gamma_true"
@@ -54,3 +56,4 @@ B_TIME = "time"  # float32 [B], optional (NaN where unknown)
 B_CELL_TYPE = "cell_type"  # list[str | None], optional
 B_CELL_ID = "cell_id"  # list[str]
 B_DATASET_ID = "dataset_id"  # list[str]
+B_NEIGHBOURS = "neighbours"  # int64 [B, K], optional: indices into the batch of each cell's neighbours

@@ -123,15 +123,15 @@ def test_fields_shapes_and_counts(datasets, regime):
         values = adata.layers[layer]
         assert isinstance(values, np.ndarray) and values.dtype == np.float32 and np.isfinite(values).all()
     assert (adata.layers[keys.LAYER_ALPHA_TRUE] >= 0).all()
-    for column in (keys.OBS_TIME_TRUE, keys.OBS_LINEAGE, keys.OBS_CLUSTERS, sim.OBS_LIBRARY_SIZE):
+    for column in (keys.OBS_TIME_TRUE, keys.OBS_LINEAGE, keys.OBS_CLUSTERS, keys.OBS_LIBRARY_SIZE):
         assert column in adata.obs
     assert isinstance(adata.obs[keys.OBS_CLUSTERS].dtype, pd.CategoricalDtype)
-    assert (adata.obs[sim.OBS_LIBRARY_SIZE] > 0).all()
+    assert (adata.obs[keys.OBS_LIBRARY_SIZE] > 0).all()
     for column in (keys.VAR_GENE_ID, keys.VAR_BETA_TRUE, keys.VAR_GAMMA_TRUE):
         assert column in adata.var
     assert adata.var[keys.VAR_GENE_ID].str.startswith("SIMG").all() and adata.var_names.is_unique
     assert adata.obsm[keys.OBSM_SIM_EMBEDDING].shape == (N_CELLS, 2)
-    params = adata.uns[sim.UNS_SIMULATION]
+    params = adata.uns[keys.UNS_SIMULATION]
     assert params["regime"] == regime and params["seed"] == 3 and params["noise"] == "nb"
 
 
@@ -159,7 +159,7 @@ def test_boost_raises_many_genes_at_once(datasets):
     adata = datasets["boost"]
     boosted = adata.var["boosted"].to_numpy()
     time_C = adata.obs[keys.OBS_TIME_TRUE].to_numpy()
-    cfg_boost = adata.uns[sim.UNS_SIMULATION]["boost_time"]
+    cfg_boost = adata.uns[keys.UNS_SIMULATION]["boost_time"]
     near_before = (time_C > cfg_boost - 0.3) & (time_C < cfg_boost)
     near_after = (time_C >= cfg_boost) & (time_C < cfg_boost + 0.3)
     alpha = adata.layers[keys.LAYER_ALPHA_TRUE]
@@ -178,7 +178,7 @@ def test_shared_gene_table_with_jitter(tmp_path):
         log_ratio = np.log(a.var[key].to_numpy() / b.var[key].to_numpy())
         assert 0 < np.abs(log_ratio).max() < 0.05 * 2 * 5  # equal up to the jitter, but jittered
         np.testing.assert_allclose(exact.var[key], table[col], rtol=1e-6)  # no jitter: the table exactly
-    assert not np.allclose(a.obs[sim.OBS_LIBRARY_SIZE].to_numpy(), b.obs[sim.OBS_LIBRARY_SIZE].to_numpy()[:200])
+    assert not np.allclose(a.obs[keys.OBS_LIBRARY_SIZE].to_numpy(), b.obs[keys.OBS_LIBRARY_SIZE].to_numpy()[:200])
     assert set(a.obs[keys.OBS_LINEAGE]) != set(b.obs[keys.OBS_LINEAGE])
     # the table written beside the data reads back unchanged and reproduces the dataset
     path = sim.write(a, tmp_path / "a.h5ad")
@@ -242,7 +242,7 @@ def test_cli_writes_a_readable_file(tmp_path):
     args = ["prep", "simulate", "--out", str(out), "--cells", "150", "--genes", "25", "--regime", "cycle"]
     assert main([*args, "--seed", "4", "--noise", "poisson", "--dropout", "0.1"]) == 0
     adata = ad.read_h5ad(out)
-    assert adata.shape == (150, 25) and adata.uns[sim.UNS_SIMULATION]["noise"] == "poisson"
+    assert adata.shape == (150, 25) and adata.uns[keys.UNS_SIMULATION]["noise"] == "poisson"
     assert sim.gene_table_path(out).exists() and not list(tmp_path.glob(".*tmp*"))
     # a second dataset on the same genes, from the table written beside the first
     out2 = tmp_path / "sim2.h5ad"
