@@ -13,6 +13,9 @@ Idempotent: each shard records the hash of the conversion settings; a re-run kee
 (a killed run is finished, a finished one is left untouched), and refuses shards from other settings unless
 ``overwrite``. Atomic: shards are written under a temporary name then renamed; the manifest, written last, is
 removed before anything is rewritten, so a corpus with a manifest is always a finished one.
+
+Pass 1 lives in `data_prep.stats`, pass 2 in `data_prep.shard_tasks`, the target fields in `data_prep.targets`; this
+module plans the shards, keeps a re-run idempotent and runs the tasks.
 """
 
 from __future__ import annotations
@@ -25,19 +28,18 @@ import logging
 import multiprocessing as mp
 import os
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, fields
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
-import pyarrow as pa
-import scipy.sparse as sp
 
-from data_prep.sources import ConversionError, Source, open_source
+from data_prep.shard_tasks import ShardTask, read_shard_info, shard_settings_hash, write_shard_task
+from data_prep.sources import ConversionError
+from data_prep.stats import BlockStats, FilterConfig, cell_mask, collect_stats, gene_mask, merge_stats
+from data_prep.targets import DatasetSpec, TargetConfig, inspect_input
 from data_prep.vocab import build_vocab, map_onto
-from fm import keys
 from fm.data.schema import (
     MANIFEST_NAME,
     SCHEMA_VERSION,
@@ -45,358 +47,20 @@ from fm.data.schema import (
     CorpusError,
     DatasetInfo,
     Manifest,
-    ShardInfo,
     load_manifest,
-    sha256_file,
 )
 from fm.data.vocab import GeneVocab
-from fm.data.writer import conform, shard_name, write_manifest, write_shard
+from fm.data.writer import shard_name, write_manifest
 
 __all__ = ["ConversionError", "FilterConfig", "TargetConfig", "convert", "add_parser"]
 
 log = logging.getLogger(__name__)
 
 CONVERTER_VERSION = 1  # bump when the same settings would write different shards
-SETTINGS_KEY = "fm.settings_hash"
 LOCK_NAME = ".convert.lock"
-AUTO = "auto"
-VELOCITY_LAYERS = (keys.LAYER_VELOCITY_TRUE, keys.LAYER_VELOCITY)
-VELOCITY_U_LAYERS = (keys.LAYER_VELOCITY_U_TRUE, "velocity_u")
-TIME_KEYS = (keys.OBS_TIME_TRUE, "latent_time", "velocity_pseudotime", "dpt_pseudotime")
 
 
-@dataclass(frozen=True)
-class FilterConfig:
-    """scVelo-style filters. Cell and gene statistics are both computed on the unfiltered matrix of a dataset."""
-
-    min_counts_cell: float = 0  # spliced + unspliced counts of a cell, over all its genes
-    min_genes_cell: int = 0  # genes with spliced + unspliced > 0 in a cell
-    min_counts_gene: float = 0  # spliced counts of a gene over all cells (scVelo min_counts)
-    min_counts_u_gene: float = 0  # unspliced counts of a gene (scVelo min_counts_u)
-    min_cells_gene: int = 0  # cells with spliced > 0 (scVelo min_cells)
-    min_cells_u_gene: int = 0  # cells with unspliced > 0 (scVelo min_cells_u)
-    min_shared_counts: float = 0  # s + u summed over the cells where both are > 0 (scVelo min_shared_counts)
-    min_shared_cells: int = 0  # cells where both spliced and unspliced are > 0 (scVelo min_shared_cells)
-
-    def __post_init__(self):
-        for f in fields(self):
-            v = getattr(self, f.name)
-            if not isinstance(v, (int, float)) or not np.isfinite(v) or v < 0:
-                raise ValueError(f"FilterConfig.{f.name} must be a finite number >= 0, got {v!r}")
-
-
-@dataclass(frozen=True)
-class TargetConfig:
-    """Which optional fields become target columns: a name, ``"auto"`` (first found of the usual names) or None."""
-
-    velocity_layer: str | None = AUTO  # -> velocity; auto: velocity_true, velocity
-    velocity_u_layer: str | None = AUTO  # -> velocity_u; auto: velocity_u_true, velocity_u
-    cell_type_key: str | None = AUTO  # obs column -> cell_type; auto: clusters
-    time_key: str | None = AUTO  # obs column -> time; auto: time_true, latent_time, velocity_pseudotime, ...
-    size_factor_key: str | None = None  # obs column -> size_factor
-
-
-@dataclass
-class _Dataset:
-    """What a worker needs to read one input (picklable)."""
-
-    path: str
-    dataset_id: str
-    n_cells: int
-    n_genes: int
-    velocity: str | None = None
-    velocity_u: str | None = None
-    cell_type: str | None = None
-    time: str | None = None
-    size_factor: str | None = None
-
-    @property
-    def targets(self) -> list[str]:
-        names = {"velocity": keys.VELOCITY, "velocity_u": keys.VELOCITY_U, "cell_type": keys.CELL_TYPE}
-        names |= {"time": keys.TIME, "size_factor": keys.SIZE_FACTOR}
-        return [col for attr, col in names.items() if getattr(self, attr) is not None]
-
-
-@dataclass
-class _Stats:
-    """Pass-1 statistics of a block of cells: per gene [n_genes] and per cell [rows]."""
-
-    start: int
-    counts_s: np.ndarray
-    counts_u: np.ndarray
-    cells_s: np.ndarray
-    cells_u: np.ndarray
-    shared_counts: np.ndarray
-    shared_cells: np.ndarray
-    cell_counts: np.ndarray
-    cell_genes: np.ndarray
-    cell_id_hash: np.ndarray
-
-
-@dataclass
-class _ShardTask:
-    index: int
-    dataset: _Dataset
-    rows: np.ndarray  # sorted source rows of the cells kept
-    genes: np.ndarray  # source gene columns stored, ordered by vocabulary index
-    vocab_index: np.ndarray  # their vocabulary indices (increasing)
-    path: str
-    settings_hash: str
-    record_batch_size: int
-    extra: dict[str, str] = field(default_factory=dict)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# pass 1: statistics and checks
-
-
-def _check_counts(m: sp.csr_matrix, src: Source, layer: str, start: int, allow_non_integer: bool) -> None:
-    d = m.data
-    problems = [(~np.isfinite(d), "a NaN or infinite count", ""), (d < 0, "a negative count", "")]
-    if not allow_non_integer:
-        hint = "; non-integer counts (normalised data?) are accepted with --allow-non-integer"
-        problems.append((np.isfinite(d) & (d != np.round(d)), "a non-integer count", hint))
-    for bad, what, hint in problems:
-        if bad.any():
-            k = int(np.argmax(bad))
-            row = int(np.searchsorted(m.indptr, k, side="right") - 1)
-            gene = src.symbols[m.indices[k]]
-            cell = src.read_cell_ids(start + row, start + row + 1)[0]
-            raise ConversionError(
-                f"{src.path}: {src.layer_field(layer)} has {what} ({float(d[k])}) at cell {cell!r} "
-                f"(row {start + row}), gene {gene!r}{hint}"
-            )
-
-
-def _stats_task(ds: _Dataset, start: int, stop: int, chunk: int, allow_non_integer: bool, on_chunk=None) -> _Stats:
-    """Statistics of source rows [start, stop), read ``chunk`` rows at a time."""
-    g = ds.n_genes
-    acc = {k: np.zeros(g) for k in ("counts_s", "counts_u", "cells_s", "cells_u", "shared_counts", "shared_cells")}
-    cell_counts, cell_genes, hashes = [], [], []
-    with open_source(ds.path) as src:
-        for a in range(start, stop, chunk):
-            b = min(a + chunk, stop)
-            s = src.read_layer(keys.LAYER_SPLICED, a, b)
-            u = src.read_layer(keys.LAYER_UNSPLICED, a, b)
-            _check_counts(s, src, keys.LAYER_SPLICED, a, allow_non_integer)
-            _check_counts(u, src, keys.LAYER_UNSPLICED, a, allow_non_integer)
-            s.eliminate_zeros()
-            u.eliminate_zeros()
-            both = (s > 0).multiply(u > 0)
-            acc["counts_s"] += np.asarray(s.sum(0)).ravel()
-            acc["counts_u"] += np.asarray(u.sum(0)).ravel()
-            acc["cells_s"] += np.bincount(s.indices, minlength=g)
-            acc["cells_u"] += np.bincount(u.indices, minlength=g)
-            acc["shared_counts"] += np.asarray((s.multiply(both) + u.multiply(both)).sum(0)).ravel()
-            acc["shared_cells"] += np.asarray(both.sum(0)).ravel()
-            total = s + u
-            total.eliminate_zeros()
-            cell_counts.append(np.asarray(total.sum(1)).ravel())
-            cell_genes.append(np.diff(total.indptr))
-            ids = src.read_cell_ids(a, b)
-            hashes.append(pd.util.hash_array(ids.astype(str).astype(object)))
-            if on_chunk is not None:
-                on_chunk(b - a)
-    return _Stats(
-        start,
-        **acc,
-        cell_counts=np.concatenate(cell_counts),
-        cell_genes=np.concatenate(cell_genes),
-        cell_id_hash=np.concatenate(hashes),
-    )
-
-
-def _merge_stats(parts: list[_Stats]) -> _Stats:
-    parts = sorted(parts, key=lambda p: p.start)
-    per_gene = {
-        k: sum(getattr(p, k) for p in parts)
-        for k in ("counts_s", "counts_u", "cells_s", "cells_u", "shared_counts", "shared_cells")
-    }
-    per_cell = {
-        k: np.concatenate([getattr(p, k) for p in parts]) for k in ("cell_counts", "cell_genes", "cell_id_hash")
-    }
-    return _Stats(0, **per_gene, **per_cell)
-
-
-def _gene_mask(st: _Stats, f: FilterConfig) -> np.ndarray:
-    return (
-        (st.counts_s >= f.min_counts_gene)
-        & (st.counts_u >= f.min_counts_u_gene)
-        & (st.cells_s >= f.min_cells_gene)
-        & (st.cells_u >= f.min_cells_u_gene)
-        & (st.shared_counts >= f.min_shared_counts)
-        & (st.shared_cells >= f.min_shared_cells)
-    )
-
-
-def _cell_mask(st: _Stats, f: FilterConfig) -> np.ndarray:
-    # a cell without any count has nothing to store, whatever the filters say
-    return (st.cell_counts >= f.min_counts_cell) & (st.cell_genes >= max(f.min_genes_cell, 1))
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# pass 2: writing
-
-
-def _values_at(pattern: sp.csr_matrix, m: sp.csr_matrix) -> np.ndarray:
-    """Values of ``m`` at the stored positions of ``pattern`` (0 where ``m`` stores nothing), float32."""
-    m = sp.csr_matrix(m)
-    m.sum_duplicates()
-    ncol = pattern.shape[1]
-    key_p = np.repeat(np.arange(pattern.shape[0], dtype=np.int64), np.diff(pattern.indptr)) * ncol + pattern.indices
-    key_m = np.repeat(np.arange(m.shape[0], dtype=np.int64), np.diff(m.indptr)) * ncol + m.indices
-    pos = np.minimum(np.searchsorted(key_m, key_p), max(len(key_m) - 1, 0))
-    out = np.zeros(len(key_p), dtype=np.float32)
-    if len(key_m):
-        hit = key_m[pos] == key_p
-        out[hit] = m.data[pos[hit]]
-    return out
-
-
-def _list_array(indptr: np.ndarray, values: np.ndarray, typ: pa.DataType) -> pa.Array:
-    return pa.ListArray.from_arrays(pa.array(indptr.astype(np.int32)), pa.array(values, type=typ))
-
-
-def _obs_floats(src: Source, name: str, a: int, b: int, sel: np.ndarray) -> pa.Array:
-    v = src.read_obs(name, a, b)[sel]
-    try:
-        return pa.array(pd.to_numeric(pd.Series(v, dtype=object)).to_numpy(np.float32, na_value=np.nan))
-    except (ValueError, TypeError) as e:
-        raise ConversionError(f"{src.path}: {src.obs_field(name)} is not numeric ({e})") from e
-
-
-def _build_table(src: Source, t: _ShardTask, a: int, b: int, sel: np.ndarray) -> tuple[pa.Table, int]:
-    """The corpus rows of source rows ``a + sel`` (sel sorted, relative to a); returns (table, cells dropped)."""
-    ds = t.dataset
-
-    def read(layer: str) -> sp.csr_matrix:
-        return src.read_layer(layer, a, b)[sel][:, t.genes]
-
-    s, u = read(keys.LAYER_SPLICED), read(keys.LAYER_UNSPLICED)
-    # counts are >= 0, so s + i*u is 0 exactly where s + u = 0: its pattern is the set of genes to store
-    c = sp.csr_matrix(s.astype(np.complex128) + 1j * u.astype(np.complex128))
-    c.sum_duplicates()
-    c.eliminate_zeros()
-    n_genes = np.diff(c.indptr)
-    keep = n_genes > 0  # a cell with no stored gene is not a row
-    if not keep.all():
-        c = c[keep]
-    indptr = c.indptr
-    s_val, u_val = c.data.real.astype(np.float32), c.data.imag.astype(np.float32)
-    rows = np.repeat(np.arange(c.shape[0]), np.diff(indptr))
-    cols = {
-        keys.CELL_ID: pa.array(src.read_cell_ids(a, b)[sel][keep].astype(str)),
-        keys.DATASET_ID: pa.array(np.full(c.shape[0], ds.dataset_id)),
-        keys.GENE_INDEX: _list_array(indptr, t.vocab_index[c.indices].astype(np.int32), pa.int32()),
-        keys.SPLICED: _list_array(indptr, s_val, pa.float32()),
-        keys.UNSPLICED: _list_array(indptr, u_val, pa.float32()),
-        keys.LIBRARY_SIZE_SPLICED: pa.array(np.bincount(rows, c.data.real, c.shape[0]).astype(np.float32)),
-        keys.LIBRARY_SIZE_UNSPLICED: pa.array(np.bincount(rows, c.data.imag, c.shape[0]).astype(np.float32)),
-    }
-    for attr, col in (("velocity", keys.VELOCITY), ("velocity_u", keys.VELOCITY_U)):
-        if getattr(ds, attr) is not None:
-            dense = src.read_dense(getattr(ds, attr), a, b)
-            if dense is not None:  # gather directly; a dense layer as CSR would cost more than the gather
-                values = dense[sel][keep][:, t.genes][rows, c.indices].astype(np.float32)
-            else:
-                values = _values_at(c, read(getattr(ds, attr))[keep])
-            cols[col] = _list_array(indptr, values, pa.float32())
-    if ds.cell_type is not None:
-        v = src.read_obs(ds.cell_type, a, b)[sel][keep]
-        cols[keys.CELL_TYPE] = pa.array([None if x is None or x != x else str(x) for x in v], pa.string())
-    for attr, col in (("time", keys.TIME), ("size_factor", keys.SIZE_FACTOR)):
-        if getattr(ds, attr) is not None:
-            cols[col] = _obs_floats(src, getattr(ds, attr), a, b, sel).filter(pa.array(keep))
-    return pa.table(cols), int((~keep).sum())
-
-
-def _shard_task(t: _ShardTask, on_chunk: Callable[[int], None] | None = None) -> tuple[ShardInfo, int]:
-    """Write one shard; returns its manifest entry and the number of cells dropped for having no stored gene."""
-    tables, dropped = [], 0
-    with open_source(t.dataset.path) as src:
-        i = 0
-        while i < len(t.rows):
-            a = int(t.rows[i])
-            b = min(a + t.record_batch_size, int(t.rows[-1]) + 1)
-            j = int(np.searchsorted(t.rows, b))
-            table, n = _build_table(src, t, a, b, t.rows[i:j] - a)
-            tables.append(table)
-            dropped += n
-            if on_chunk is not None:
-                on_chunk(j - i)
-            i = j
-    table = pa.concat_tables([conform(x) for x in tables])
-    meta = {SETTINGS_KEY: t.settings_hash, "fm.dataset_id": t.dataset.dataset_id, **t.extra}
-    info = write_shard(
-        t.path, table, record_batch_size=t.record_batch_size, dataset_id=t.dataset.dataset_id, metadata=meta
-    )
-    return info, dropped
-
-
-def _shard_settings_hash(path: Path) -> str | None:
-    """The settings hash a finished shard records (None when it records none or cannot be read)."""
-    try:
-        with pa.memory_map(str(path)) as f:
-            meta = pa.ipc.open_file(f).schema.metadata or {}
-    except (pa.ArrowInvalid, OSError):
-        return None
-    h = meta.get(SETTINGS_KEY.encode())
-    return h.decode() if h else None
-
-
-def _shard_info(path: Path, dataset_id: str) -> ShardInfo:
-    """The manifest entry of a finished shard on disk (the one write_shard returned when it wrote it)."""
-    with pa.memory_map(str(path)) as f:
-        reader = pa.ipc.open_file(f)
-        rows = [reader.get_batch(i).num_rows for i in range(reader.num_record_batches)]
-    return ShardInfo(
-        path=f"{SHARD_DIR}/{path.name}",
-        n_cells=sum(rows),
-        n_record_batches=len(rows),
-        record_batch_rows=rows,
-        bytes=path.stat().st_size,
-        sha256=sha256_file(path),
-        dataset_id=dataset_id,
-    )
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# driver
-
-
-def _resolve(src: Source, option: str | None, auto: tuple[str, ...], kind: str, path: str) -> str | None:
-    """The field an option names: None stays None, ``auto`` is the first present, a name must exist."""
-    has = src.has_layer if kind == "layer" else src.has_obs
-    if option is None:
-        return None
-    if option == AUTO:
-        return next((n for n in auto if has(n)), None)
-    if not has(option):
-        what = src.layer_field(option) if kind == "layer" else src.obs_field(option)
-        raise ConversionError(f"{path}: {what} is missing (asked for as a target)")
-    return option
-
-
-def _inspect(path: Path, dataset_id: str, targets: TargetConfig) -> tuple[_Dataset, list[str] | None, list[str]]:
-    """Open an input, check its layers and genes, and resolve its target fields; nothing is read in bulk."""
-    with open_source(path) as src:
-        src.check_layers([keys.LAYER_SPLICED, keys.LAYER_UNSPLICED])
-        ds = _Dataset(
-            path=str(path),
-            dataset_id=dataset_id,
-            n_cells=src.n_cells,
-            n_genes=src.n_genes,
-            velocity=_resolve(src, targets.velocity_layer, VELOCITY_LAYERS, "layer", str(path)),
-            velocity_u=_resolve(src, targets.velocity_u_layer, VELOCITY_U_LAYERS, "layer", str(path)),
-            cell_type=_resolve(src, targets.cell_type_key, (keys.OBS_CLUSTERS,), "obs", str(path)),
-            time=_resolve(src, targets.time_key, TIME_KEYS, "obs", str(path)),
-            size_factor=_resolve(src, targets.size_factor_key, (), "obs", str(path)),
-        )
-        src.check_layers([n for n in (ds.velocity, ds.velocity_u) if n is not None])
-        return ds, src.gene_ids, src.symbols
-
-
-def _settings_hash(datasets: list[_Dataset], settings: dict) -> str:
+def _settings_hash(datasets: list[DatasetSpec], settings: dict) -> str:
     files = []
     for ds in datasets:
         st = os.stat(ds.path)
@@ -494,8 +158,8 @@ def convert(
     vocab: str | os.PathLike | None = None,
     *,
     workers: int = 1,
-    filters: FilterConfig = FilterConfig(),
-    targets: TargetConfig = TargetConfig(),
+    filters: FilterConfig = FilterConfig(),  # noqa: B008 (frozen, so one shared default is safe)
+    targets: TargetConfig = TargetConfig(),  # noqa: B008
     shard_size: int = 8192,
     record_batch_size: int = 1024,
     allow_non_integer: bool = False,
@@ -534,7 +198,7 @@ def convert(
     if len(set(dataset_ids)) != len(dataset_ids):
         raise ConversionError(f"duplicate dataset ids {dataset_ids}; give distinct ones (--dataset-id)")
     given_vocab = GeneVocab.load(vocab) if vocab is not None else None
-    inspected = [_inspect(p, d, targets) for p, d in zip(paths, dataset_ids, strict=True)]
+    inspected = [inspect_input(p, d, targets) for p, d in zip(paths, dataset_ids, strict=True)]
     datasets = [ds for ds, _, _ in inspected]
     settings = {
         "filters": asdict(filters),
@@ -587,7 +251,7 @@ def _up_to_date(out: Path, settings_hash: str) -> Manifest | None:
         return None
     for s in manifest.shards:
         p = out / s.path
-        if not p.is_file() or p.stat().st_size != s.bytes or _shard_settings_hash(p) != settings_hash:
+        if not p.is_file() or p.stat().st_size != s.bytes or shard_settings_hash(p) != settings_hash:
             return None
     return manifest
 
@@ -610,7 +274,7 @@ def _convert_locked(
 ) -> Manifest:
     shard_dir = out / SHARD_DIR
     # shards from other settings: refuse before any work, unless asked to replace them
-    foreign = [p for p in sorted(shard_dir.glob("part-*.arrow")) if _shard_settings_hash(p) != settings_hash]
+    foreign = [p for p in sorted(shard_dir.glob("part-*.arrow")) if shard_settings_hash(p) != settings_hash]
     if foreign and not overwrite:
         raise ConversionError(
             f"{out}: {len(foreign)} shards (e.g. {foreign[0].name}) were written with other settings or inputs; "
@@ -628,13 +292,13 @@ def _convert_locked(
                 weights.append(b - a)
                 owners.append(k)
         tid = bar.add_task("statistics", total=sum(weights))
-        parts: list[list[_Stats]] = [[] for _ in datasets]
-        for k, st in zip(owners, _run(_stats_task, tasks, pool, bar, tid, weights), strict=True):
+        parts: list[list[BlockStats]] = [[] for _ in datasets]
+        for k, st in zip(owners, _run(collect_stats, tasks, pool, bar, tid, weights), strict=True):
             parts[k].append(st)
-        stats = [_merge_stats(p) for p in parts]
+        stats = [merge_stats(p) for p in parts]
 
         # filters, vocabulary, mapping
-        gene_keep = [_gene_mask(st, filters) for st in stats]
+        gene_keep = [gene_mask(st, filters) for st in stats]
         for ds, st in zip(datasets, stats, strict=True):
             h = st.cell_id_hash
             if len(np.unique(h)) != len(h):
@@ -649,11 +313,11 @@ def _convert_locked(
             )
         else:
             vocab = given_vocab
-        plan: list[_ShardTask] = []
+        plan: list[ShardTask] = []
         infos: list[DatasetInfo] = []
         for path, ds, (_, ids, syms), keep, st in zip(paths, datasets, inspected, gene_keep, stats, strict=True):
             index, mapping = map_onto(vocab, ids, syms, keep)
-            cells = np.flatnonzero(_cell_mask(st, filters))
+            cells = np.flatnonzero(cell_mask(st, filters))
             genes = np.flatnonzero(index >= 0)
             genes = genes[np.argsort(index[genes], kind="stable")]
             log.info(
@@ -669,7 +333,7 @@ def _convert_locked(
                 log.warning("%s: %d genes not in the vocabulary are not stored", ds.dataset_id, len(mapping.unmatched))
             for a in range(0, len(cells), shard_size):
                 plan.append(
-                    _ShardTask(
+                    ShardTask(
                         index=len(plan),
                         dataset=ds,
                         rows=cells[a : a + shard_size],
@@ -712,16 +376,16 @@ def _convert_locked(
         for p in shard_dir.glob("part-*.arrow"):
             if p.name not in planned:
                 p.unlink()
-        todo = [t for t in plan if _shard_settings_hash(Path(t.path)) != settings_hash]
+        todo = [t for t in plan if shard_settings_hash(Path(t.path)) != settings_hash]
         todo_index = {t.index for t in todo}
         kept = [t for t in plan if t.index not in todo_index]
         if kept:
             log.info("%d of %d shards already written with these settings; keeping them", len(kept), len(plan))
         tid = bar.add_task("shards", total=sum(len(t.rows) for t in todo))
-        written = list(_run(_shard_task, [(t,) for t in todo], pool, bar, tid, [len(t.rows) for t in todo]))
+        written = list(_run(write_shard_task, [(t,) for t in todo], pool, bar, tid, [len(t.rows) for t in todo]))
     shard_infos = {t.index: info for t, (info, _) in zip(todo, written, strict=True)}
     for t in kept:
-        shard_infos[t.index] = _shard_info(Path(t.path), t.dataset.dataset_id)
+        shard_infos[t.index] = read_shard_info(Path(t.path), t.dataset.dataset_id)
     dropped = sum(n for _, n in written)
     if dropped:
         log.info("%d cells had no stored gene (after gene filters and vocabulary) and are not stored", dropped)

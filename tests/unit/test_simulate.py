@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
+from data_prep import kinetics
 from data_prep import simulate as sim
 from fm import keys
 
@@ -105,8 +106,8 @@ def test_beta_equal_gamma_is_exact_and_finite():
     np.testing.assert_allclose(vs[smooth], fd_s[smooth], rtol=1e-6, atol=1e-6)
     # the β = γ limit matches a slightly non-degenerate gene
     u0, s0, alpha, beta, tau = 0.3, 0.7, 2.0, 0.8, np.linspace(0, 5, 11)
-    exact = sim.solve_kinetics(u0, s0, alpha, beta, beta, tau)
-    nearby = sim.solve_kinetics(u0, s0, alpha, beta, beta * (1 + 1e-5), tau)
+    exact = kinetics.solve_kinetics(u0, s0, alpha, beta, beta, tau)
+    nearby = kinetics.solve_kinetics(u0, s0, alpha, beta, beta * (1 + 1e-5), tau)
     np.testing.assert_allclose(exact, nearby, rtol=1e-4)
 
 
