@@ -1,6 +1,6 @@
 """Zorro attention backends: fwd+bwd and forward time, and peak memory, at 512 / 1,024 / 2,048 genes per modality.
 
-    python -m bench.attention                        # CPU: sdpa and flex; writes a run to docs/BENCHMARKS.md
+    python -m bench.attention                        # CPU: sdpa, flex, blocks; writes a run to docs/BENCHMARKS.md
     python -m bench.attention --genes 512 --no-write # quick look
     python -m bench.attention --batch 8 --heads 8    # on a GPU machine: also flash (when flash-attn is installed)
 
@@ -170,7 +170,7 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--no-write", action="store_true", help="print only; do not touch docs/BENCHMARKS.md")
     args = p.parse_args()
-    backends = ["sdpa", "flex"]
+    backends = ["sdpa", "flex", "blocks"]
     if torch.cuda.is_available():
         try:
             import flash_attn  # noqa: F401
