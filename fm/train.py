@@ -1,0 +1,131 @@
+"""Pretraining entry point (Hydra): instantiate data, model, task, loggers, callbacks and trainer; fit.
+
+    python -m fm.train data.corpus=corpus/ trainer.max_steps=50                  # CPU, debug preset
+    fm pretrain data.corpus=corpus/ model=small trainer=gpu                        # same, through the fm CLI
+    fm pretrain -m data.corpus=corpus/ model.depth=1,2 trainer.max_steps=20        # a sweep (multirun)
+    torchrun --nproc_per_node 2 -m fm.train data.corpus=corpus/ trainer=ddp trainer.devices=2
+    python -m fm.train ckpt_path=runs/x/checkpoints/last.ckpt ...                  # resume exactly
+
+Configs live in configs/ (pretrain.yaml and its groups). Everything that can be checked before training is: an
+unknown preset, backend or strategy, a config field of the wrong type, a resume path that does not exist, a
+checkpoint made for another vocabulary or architecture.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+import hydra
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
+
+CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
+
+
+def _register_resolvers() -> None:
+    # bf16-mixed where CUDA is, fp32 elsewhere; wandb offline without an API key
+    resolvers = {
+        "fm.auto_precision": lambda: "bf16-mixed" if torch.cuda.is_available() else "32-true",
+        "fm.wandb_offline": lambda: not os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_MODE") == "offline",
+    }
+    for name, fn in resolvers.items():
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, fn)
+
+
+_register_resolvers()
+
+
+def read_checkpoint_meta(path: str | os.PathLike) -> dict | None:
+    """The ``fm`` entry of a Lightning checkpoint file or a DeepSpeed checkpoint folder (no weights loaded twice)."""
+    from fm.tasks.pretrain import CKPT_KEY
+
+    path = Path(path)
+    if path.is_dir():  # DeepSpeed: client state is in the rank-0 model-states file
+        files = sorted(path.glob("**/mp_rank_00_model_states.pt")) or sorted(path.glob("**/*model_states.pt"))
+        if not files:
+            raise FileNotFoundError(f"{path}: a folder, but no DeepSpeed model-states file in it")
+        path = files[0]
+    return torch.load(path, map_location="cpu", weights_only=False).get(CKPT_KEY)
+
+
+def _check_paths(cfg: DictConfig) -> None:
+    for key in ("ckpt_path", "init_ckpt"):
+        value = cfg.get(key)
+        if value is not None and not Path(value).exists():
+            raise FileNotFoundError(f"{key}={value}: no such checkpoint file or folder")
+
+
+def compose(overrides: list[str]) -> DictConfig:
+    """The pretrain config with ``overrides``, composed outside a Hydra run (set ``output_dir``: no Hydra run dir)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(CONFIG_DIR, version_base="1.3"):
+        return hydra_compose("pretrain", overrides=list(overrides))
+
+
+def run(cfg: DictConfig, callbacks: list | None = None) -> dict:
+    """Train as ``cfg`` says. Returns the trainer, task, datamodule and the last logged metrics.
+
+    Args:
+        cfg: the composed pretrain config.
+        callbacks: extra callbacks (tests use this), added after those in ``cfg.callbacks``.
+    """
+    import lightning as L
+    from hydra.utils import instantiate
+
+    from fm.tasks.pretrain import check_checkpoint_meta
+
+    _check_paths(cfg)
+    L.seed_everything(cfg.seed, workers=True)
+    torch.set_float32_matmul_precision("high")
+
+    datamodule = instantiate(cfg.data)
+    model_cfg = instantiate(cfg.model, vocab_size=len(datamodule.vocab))
+    task = instantiate(cfg.task, model=model_cfg, vocab_hash=datamodule.vocab.hash, _convert_="all")
+    if cfg.get("ckpt_path"):
+        check_checkpoint_meta(read_checkpoint_meta(cfg.ckpt_path), datamodule.vocab.hash, model_cfg, cfg.ckpt_path)
+    if cfg.get("init_ckpt"):
+        init_from_checkpoint(task, cfg.init_ckpt)
+
+    cbs = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None] + list(callbacks or [])
+    loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
+    trainer = instantiate(cfg.trainer, callbacks=cbs, logger=loggers or False)
+    trainer.fit(task, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
+    return {"trainer": trainer, "task": task, "datamodule": datamodule, "metrics": metrics}
+
+
+def init_from_checkpoint(task, path: str | os.PathLike) -> None:
+    """Initialise ``task``'s weights from a checkpoint (vocabulary and architecture checked); not a resume."""
+    from fm.tasks.pretrain import CKPT_KEY, check_checkpoint_meta
+
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    check_checkpoint_meta(ckpt.get(CKPT_KEY), task.vocab_hash, task.model_config, str(path))
+    task.load_state_dict(ckpt["state_dict"])
+    log.info("initialised weights from %s", path)
+
+
+@hydra.main(config_path=CONFIG_DIR, config_name="pretrain", version_base="1.3")
+def main(cfg: DictConfig) -> float | None:
+    result = run(cfg)
+    return result["metrics"].get(cfg.get("optimized_metric") or "train/loss")
+
+
+def cli(overrides: list[str]) -> None:
+    """``fm pretrain key=value ... [-m]``: hand the overrides (and Hydra flags) to :func:`main`.
+
+    ``sys.argv[0]`` becomes this file, so a Lightning-spawned multi-process run relaunches this entry point.
+    """
+    sys.argv = [__file__, *overrides]
+    main()
+
+
+if __name__ == "__main__":
+    main()
