@@ -47,6 +47,7 @@ class DataConfig:
     batch_size: int = 32  # cells per batch per rank
     num_workers: int = 0  # DataLoader workers per rank (readers per rank)
     max_genes: int = 1024  # gene tokens per cell and modality
+    gene_set: str = "cell"  # cell: each cell's stored genes | batch: the batch's genes in every cell (fm.data.tokenize)
     gene_sampling: str = "random"  # random | top_expressed, when a cell has more than max_genes genes
     normalization: str = "total"  # total | size_factor | none, then log1p
     target_sum: float = 1e4  # library size after `total` normalisation
@@ -84,18 +85,20 @@ class DataConfig:
 
     @property
     def tokenizer(self) -> TokenizerConfig:
-        return TokenizerConfig(max_genes=self.max_genes, gene_sampling=self.gene_sampling,
+        return TokenizerConfig(max_genes=self.max_genes, gene_set=self.gene_set, gene_sampling=self.gene_sampling,
                                normalization=self.normalization, target_sum=self.target_sum)
 
 
-_RECORDED = ("max_genes", "gene_sampling", "normalization", "target_sum", "split", "val_fraction", "val_datasets")
+_RECORDED = ("max_genes", "gene_set", "gene_sampling", "normalization", "target_sum", "split", "val_fraction",
+             "val_datasets")
 
 
 class CorpusDataModule(L.LightningDataModule):
     """Train/validation batches of a corpus; keyword arguments are DataConfig's fields."""
 
     def __init__(self, corpus: str, batch_size: int = 32, num_workers: int = 0, max_genes: int = 1024,
-                 gene_sampling: str = "random", normalization: str = "total", target_sum: float = 1e4, seed: int = 0,
+                 gene_set: str = "cell", gene_sampling: str = "random", normalization: str = "total",
+                 target_sum: float = 1e4, seed: int = 0,
                  val_fraction: float = 0.05, split: str = "hash", val_datasets: list[str] | None = None,
                  remainder: str = "wrap", shuffle_buffer: int = 8192, length_bucketing: bool = False,
                  tolerant: bool = False, verify_checksums: bool = False, val_batch_size: int | None = None,

@@ -1,9 +1,17 @@
 """Cells to a model batch (DESIGN §4): gene choice, normalisation, log1p, padding and masks.
 
-Per cell the same genes are chosen for both modalities: all stored (nonzero) genes when there are at most
-``max_genes``, else ``max_genes`` of them by ``gene_sampling`` (``random``: uniform without replacement from a
-seeded generator; ``top_expressed``: the largest spliced + unspliced counts). Chosen genes keep the corpus order
-(ascending vocabulary index). Values are then normalised per modality and log1p'd:
+Per cell the same genes are chosen for both modalities, by ``gene_set``:
+
+* ``cell`` (default): all of the cell's stored (nonzero) genes when there are at most ``max_genes``, else
+  ``max_genes`` of them by ``gene_sampling`` (``random``: uniform without replacement from a seeded generator;
+  ``top_expressed``: the largest spliced + unspliced counts).
+* ``batch``: every cell of the batch gets the same genes, the union of the batch's stored genes (sampled down to
+  ``max_genes`` by the same rule, over the batch's summed counts), with zero counts where a cell lacks a gene. For
+  contrastive pretraining: with ``cell``, the set of gene ids alone tells the cells of a batch apart, the same set in
+  both modalities, so spliced-unspliced retrieval is solved from gene identity without reading a value; with
+  ``batch`` only the values differ between cells.
+
+Chosen genes keep the corpus order (ascending vocabulary index). Values are then normalised per modality and log1p'd:
 
 * ``total`` (default): ``counts / library_size * target_sum``, with each modality's own library size from the
   corpus columns (the sum over *all* stored genes, not only the chosen ones); a zero library gives zeros.
@@ -22,6 +30,7 @@ Legend: B cells, G gene tokens per modality (padded), N stored genes of all cell
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,6 +39,7 @@ from torch.utils.data import get_worker_info
 
 from fm import keys
 
+GENE_SETS = ("cell", "batch")
 GENE_SAMPLINGS = ("random", "top_expressed")
 NORMALIZATIONS = ("total", "size_factor", "none")
 
@@ -39,6 +49,7 @@ class TokenizerConfig:
     """How a cell becomes tokens."""
 
     max_genes: int = 1024  # most gene tokens per cell and modality
+    gene_set: str = "cell"  # cell: each cell's own stored genes | batch: the batch's union, the same for every cell
     gene_sampling: str = "random"  # rule when a cell has more than max_genes stored genes: random | top_expressed
     normalization: str = "total"  # total | size_factor | none (then log1p)
     target_sum: float = 1e4  # library size after `total` normalisation
@@ -46,6 +57,8 @@ class TokenizerConfig:
     def __post_init__(self):
         if not isinstance(self.max_genes, int) or self.max_genes < 1:
             raise ValueError(f"TokenizerConfig.max_genes must be an int >= 1, got {self.max_genes!r}")
+        if self.gene_set not in GENE_SETS:
+            raise ValueError(f"TokenizerConfig.gene_set must be one of {GENE_SETS}, got {self.gene_set!r}")
         if self.gene_sampling not in GENE_SAMPLINGS:
             raise ValueError(
                 f"TokenizerConfig.gene_sampling must be one of {GENE_SAMPLINGS}, got {self.gene_sampling!r}"
@@ -102,6 +115,74 @@ def _chosen_positions(block: CellBlock, cfg: TokenizerConfig, rng: np.random.Gen
     keep_N[ranges(starts_B[long_b], lens_B[long_b])] = False
     keep_N[(starts_B[long_b, None] + pick_bK).ravel()] = True
     return np.flatnonzero(keep_N)
+
+
+@dataclass
+class _Layout:
+    """Where each kept stored gene goes in the padded [B, G] batch."""
+
+    lens_B: np.ndarray  # kept genes per cell
+    G: int  # padded width
+    real_BG: np.ndarray  # bool, the token mask
+    take: Callable[[np.ndarray], np.ndarray]  # flat [N] array -> the kept entries, in order
+    fill: Callable[[np.ndarray, np.ndarray | None], np.ndarray]  # writes kept values [N'] into an out [B, G]
+    panel_G: np.ndarray | None = None  # gene_set='batch': the gene ids shared by every cell
+
+
+def _cell_layout(block: CellBlock, cfg: TokenizerConfig, rng: np.random.Generator) -> _Layout:
+    """gene_set='cell': each cell's own (sampled) genes, left-aligned in its row."""
+    pos_N = _chosen_positions(block, cfg, rng)
+    lens_B = np.diff(block.offsets_B1)
+    if pos_N is not None:
+        lens_B = np.minimum(lens_B, cfg.max_genes)
+    G = max(1, int(lens_B.max(initial=0)))
+    bounds_B1 = np.concatenate([[0], np.cumsum(lens_B)]).tolist()
+
+    def fill(out_BG: np.ndarray, values_N: np.ndarray | None) -> np.ndarray:
+        if values_N is not None:
+            for b in range(len(lens_B)):  # cells are contiguous in the flat arrays: a slice copy per cell is faster
+                lo, hi = bounds_B1[b], bounds_B1[b + 1]  # than any fancy-index gather or scatter
+                out_BG[b, : hi - lo] = values_N[lo:hi]
+        return out_BG
+
+    take = (lambda a: a) if pos_N is None else (lambda a: a[pos_N])
+    return _Layout(lens_B, G, np.arange(G)[None, :] < lens_B[:, None], take, fill)
+
+
+def _batch_layout(block: CellBlock, cfg: TokenizerConfig, rng: np.random.Generator) -> _Layout:
+    """gene_set='batch': the batch's genes in every row, zero where a cell lacks one."""
+    panel_G, col_N = _batch_panel(block, cfg, rng)
+    lens_B = np.diff(block.offsets_B1)
+    keep_N = col_N >= 0
+    G = max(1, len(panel_G))
+    dest_N = np.repeat(np.arange(len(lens_B), dtype=np.int64) * G, lens_B)[keep_N] + col_N[keep_N]
+    kept_B = np.bincount(np.repeat(np.arange(len(lens_B)), lens_B)[keep_N], minlength=len(lens_B))
+
+    def fill(out_BG: np.ndarray, values_N: np.ndarray | None) -> np.ndarray:
+        if values_N is not None:
+            out_BG.reshape(-1)[dest_N] = values_N
+        return out_BG
+
+    real_BG = np.zeros((len(lens_B), G), dtype=bool)
+    real_BG[:, : len(panel_G)] = True
+    return _Layout(kept_B, G, real_BG, lambda a: a[keep_N], fill, panel_G)
+
+
+def _batch_panel(block: CellBlock, cfg: TokenizerConfig, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """gene_set='batch': the batch's genes (sorted vocabulary indices [G]) and each stored gene's column (-1: out)."""
+    genes_N = block.gene_index_N
+    panel_G, union_N = np.unique(genes_N, return_inverse=True)
+    if len(panel_G) > cfg.max_genes:
+        if cfg.gene_sampling == "random":
+            chosen = rng.choice(len(panel_G), cfg.max_genes, replace=False)
+        else:  # top_expressed over the batch
+            totals = np.bincount(union_N, weights=block.spliced_N + block.unspliced_N, minlength=len(panel_G))
+            chosen = np.argpartition(-totals, cfg.max_genes - 1)[: cfg.max_genes]
+        chosen.sort()
+        column = np.full(len(panel_G), -1, np.int64)
+        column[chosen] = np.arange(len(chosen))
+        return panel_G[chosen], column[union_N]
+    return panel_G, union_N.astype(np.int64)
 
 
 def ranges(starts: np.ndarray, lens: np.ndarray) -> np.ndarray:
@@ -175,32 +256,18 @@ def tokenize_block(
         targets: the per-gene target keys (B_VELOCITY, B_VELOCITY_U) the batch carries, NaN where a cell has none;
             the stream passes the ones its corpus has, so a pretraining corpus sends no all-NaN arrays.
     """
-    pos_N = _chosen_positions(block, cfg, rng)
-    take = (lambda a: a) if pos_N is None else (lambda a: a[pos_N])
-    lens_B = np.diff(block.offsets_B1)
-    if pos_N is not None:
-        lens_B = np.minimum(lens_B, cfg.max_genes)
-    B = len(lens_B)
-    G = max(1, int(lens_B.max(initial=0)))
-    bounds_B1 = np.concatenate([[0], np.cumsum(lens_B)]).tolist()
-
+    lay = (_batch_layout if cfg.gene_set == "batch" else _cell_layout)(block, cfg, rng)
+    B, G, take, fill = len(lay.lens_B), lay.G, lay.take, lay.fill
     per_gene = [keys.B_SPLICED, keys.B_UNSPLICED, keys.B_SPLICED_COUNTS, keys.B_UNSPLICED_COUNTS]
     per_gene += [k for k in (keys.B_VELOCITY, keys.B_VELOCITY_U) if k in targets]
     floats_KBG = _empty((len(per_gene), B, G), torch.float32)
     floats_KBG[:] = 0
 
-    def fill(out_BG: np.ndarray, values_N: np.ndarray | None) -> np.ndarray:
-        if values_N is not None:
-            for b in range(B):  # cells are contiguous in the flat arrays: a slice copy per cell beats fancy indexing
-                lo, hi = bounds_B1[b], bounds_B1[b + 1]
-                out_BG[b, : hi - lo] = values_N[lo:hi]
-        return out_BG
-
     scale_s_B, scale_u_B = _scales(block, cfg)
     s_N, u_N = take(block.spliced_N), take(block.unspliced_N)
     values = {
-        keys.B_SPLICED: _log1p(s_N, np.repeat(scale_s_B, lens_B)),
-        keys.B_UNSPLICED: _log1p(u_N, np.repeat(scale_u_B, lens_B)),
+        keys.B_SPLICED: _log1p(s_N, np.repeat(scale_s_B, lay.lens_B)),
+        keys.B_UNSPLICED: _log1p(u_N, np.repeat(scale_u_B, lay.lens_B)),
         keys.B_SPLICED_COUNTS: s_N,
         keys.B_UNSPLICED_COUNTS: u_N,
         keys.B_VELOCITY: None if block.velocity_N is None else take(block.velocity_N),
@@ -213,9 +280,13 @@ def tokenize_block(
     floats_KBG = torch.from_numpy(floats_KBG)
     ids_BG = _empty((B, G), torch.int64)
     ids_BG[:] = 0
+    if lay.panel_G is not None:
+        ids_BG[:, : len(lay.panel_G)] = lay.panel_G
+    else:
+        fill(ids_BG, take(block.gene_index_N))
     return {
-        keys.B_GENE_IDS: torch.from_numpy(fill(ids_BG, take(block.gene_index_N))),
-        keys.B_GENE_MASK: torch.from_numpy(np.arange(G)[None, :] < lens_B[:, None]),
+        keys.B_GENE_IDS: torch.from_numpy(ids_BG),
+        keys.B_GENE_MASK: torch.from_numpy(lay.real_BG),
         **{k: floats_KBG[i] for i, k in enumerate(per_gene)},
         keys.B_LIBRARY_SIZE_SPLICED: torch.from_numpy(block.library_size_spliced_B.astype(np.float32)),
         keys.B_LIBRARY_SIZE_UNSPLICED: torch.from_numpy(block.library_size_unspliced_B.astype(np.float32)),

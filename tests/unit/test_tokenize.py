@@ -115,3 +115,41 @@ def test_all_empty_cells():
 def test_config_errors_name_the_field(field, value):
     with pytest.raises(ValueError, match=f"TokenizerConfig.{field}"):
         TokenizerConfig(**{field: value})
+
+
+def _dense(cells, vocab: int = 12) -> tuple[np.ndarray, np.ndarray]:
+    s, u = np.zeros((len(cells), vocab), np.float32), np.zeros((len(cells), vocab), np.float32)
+    for b, (genes, sv, uv) in enumerate(cells):
+        s[b, genes], u[b, genes] = sv, uv
+    return s, u
+
+
+@pytest.mark.parametrize("sampling", ["random", "top_expressed"])
+@pytest.mark.parametrize("max_genes", [16, 3])
+def test_batch_gene_set_gives_every_cell_the_same_genes(sampling, max_genes):
+    cells = [([1, 4, 7], [2.0, 0.0, 8.0], [1.0, 3.0, 0.0]), ([2, 7], [5.0, 1.0], [0.0, 2.0]), ([], [], []),
+             ([0, 4, 9, 11], [1.0, 1.0, 6.0, 2.0], [4.0, 0.0, 1.0, 1.0])]
+    cfg = TokenizerConfig(gene_set="batch", max_genes=max_genes, gene_sampling=sampling, normalization="none")
+    out = tokenize_block(_block(cells, velocity=True), cfg, np.random.default_rng(3))
+    ids, mask = out[keys.B_GENE_IDS].numpy(), out[keys.B_GENE_MASK].numpy()
+    union = sorted({g for genes, _, _ in cells for g in genes})
+    panel = ids[0]
+    assert (ids == panel).all() and mask.all()  # the same genes, all real, in every row (the empty cell too)
+    assert len(panel) == min(max_genes, len(union)) and set(panel) <= set(union) and list(panel) == sorted(panel)
+    if sampling == "top_expressed" and max_genes == 3:  # summed s + u over the batch: gene 7 (11), 9 (7), 1/4/0 (5)
+        assert {7, 9} <= set(panel)
+    dense_s, dense_u = _dense(cells)
+    np.testing.assert_array_equal(out[keys.B_SPLICED_COUNTS].numpy(), dense_s[:, panel])  # zero where a cell lacks it
+    np.testing.assert_array_equal(out[keys.B_UNSPLICED_COUNTS].numpy(), dense_u[:, panel])
+    np.testing.assert_allclose(out[keys.B_SPLICED].numpy(), np.log1p(dense_s[:, panel]), rtol=1e-6)
+    velocity = out[keys.B_VELOCITY].numpy()  # known (s * 0.5) for a cell's stored genes, NaN elsewhere
+    stored = np.zeros_like(dense_s, bool)
+    for b, (genes, _, _) in enumerate(cells):
+        stored[b, genes] = True
+    np.testing.assert_array_equal(np.isnan(velocity), ~stored[:, panel])
+    np.testing.assert_array_equal(velocity[stored[:, panel]], (dense_s[:, panel] * 0.5)[stored[:, panel]])
+
+
+def test_unknown_gene_set_is_named():
+    with pytest.raises(ValueError, match="gene_set"):
+        TokenizerConfig(gene_set="union")
