@@ -1,0 +1,77 @@
+"""The `fm` command.
+
+    fm prep simulate --out sim.h5ad --cells 2000 --genes 200 --regime bifurcation --seed 0
+    fm prep convert sim.h5ad --out corpus/
+    fm prep validate corpus/
+    fm demo --out runs/demo          # the README's main job on a built-in default
+    fm pretrain data.corpus=corpus/ trainer.max_steps=50        # Hydra overrides pass through (-m: a sweep)
+
+Each subcommand lives in the module that does the work and registers itself through ``add_parser``; heavy imports
+(torch, anndata) happen inside the command, so `fm --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from data_prep import convert, simulate, validate
+    from fm import __version__, demo
+
+    parser = argparse.ArgumentParser(prog="fm", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"fm {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    prep = commands.add_parser("prep", help="simulate, convert and validate corpora")
+    prep_commands = prep.add_subparsers(dest="prep_command", required=True, metavar="STEP")
+    simulate.add_parser(prep_commands)
+    convert.add_parser(prep_commands)
+    validate.add_parser(prep_commands)
+
+    demo.add_parser(commands)
+
+    pretrain = commands.add_parser(
+        "pretrain", add_help=False, help="contrastive pretraining; Hydra overrides key=value ... (-m to sweep)"
+    )
+    pretrain.add_argument("overrides", nargs=argparse.REMAINDER, help="passed to Hydra (configs/pretrain.yaml)")
+    pretrain.set_defaults(func=_pretrain)
+    return parser
+
+
+def _pretrain(args: argparse.Namespace) -> int:
+    from fm.train import cli
+
+    cli(args.overrides)
+    return 0
+
+
+def _is_pretrain(argv: list[str]) -> bool:
+    # Hydra parses its own flags (-m, --cfg, --help), which argparse would reject: hand everything after it over
+    return bool(argv) and argv[0] == "pretrain"
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if _is_pretrain(argv):
+        return _pretrain(argparse.Namespace(overrides=argv[1:]))
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError, KeyError) as e:
+        # bad input (a field, file or gene named in the message): one clear line, not a traceback; -v shows it
+        if args.verbose:
+            raise
+        print(f"fm: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
