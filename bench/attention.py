@@ -22,10 +22,8 @@ from pathlib import Path
 
 import torch
 
+from bench.report import record
 from fm.model.attention import get_attention_backend
-
-BENCH_FILE = Path(__file__).resolve().parents[1] / "docs" / "BENCHMARKS.md"
-SECTION = "## Attention"
 
 
 def _rss_kib(field: str) -> int:
@@ -125,7 +123,7 @@ def to_markdown(device, dtype, rows, args, backends) -> str:
         machine = torch.cuda.get_device_name()
     else:
         machine = platform.processor() or platform.machine()
-    head = (f"\n### {datetime.date.today().isoformat()}: {machine}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
+    head = (f"### {datetime.date.today().isoformat()}: {machine}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
             f"{device.type} {str(dtype).removeprefix('torch.')}\n\n"
             f"`python -m bench.attention --batch {args.batch} --heads {args.heads} --head-dim {args.head_dim}` "
             f"(cells of G and 3G/4 genes, {args.n_fusion} fusion tokens; attention call only, mask built outside)\n\n")
@@ -146,18 +144,6 @@ def to_markdown(device, dtype, rows, args, backends) -> str:
                 "the public API raises and inductor's backward lowering is Triton-only); the flex fwd column is the "
                 "compiled, block-skipping CPU kernel. CPU memory is peak RSS, coarse (allocator reuse).\n")
     return head + "\n".join(lines) + "\n" + note
-
-
-def append_section(text: str, path: Path = BENCH_FILE) -> None:
-    """Add a run at the end of the ``## Attention`` section (created if missing); other sections are kept."""
-    doc = path.read_text() if path.exists() else "# Benchmarks\n"
-    if SECTION not in doc:
-        doc = doc.rstrip("\n") + f"\n\n{SECTION}\n"
-    start = doc.index(SECTION) + len(SECTION)
-    nxt = doc.find("\n## ", start)
-    end = len(doc) if nxt < 0 else nxt + 1
-    doc = doc[:end].rstrip("\n") + "\n" + text + ("\n" + doc[end:] if nxt >= 0 else "")
-    path.write_text(doc)
 
 
 def main() -> None:
@@ -183,7 +169,7 @@ def main() -> None:
     text = to_markdown(device, dtype, rows, args, backends)
     print(text)
     if not args.no_write:
-        append_section(text)
+        record("Attention", text)
 
 
 if __name__ == "__main__":

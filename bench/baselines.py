@@ -32,15 +32,13 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
+from bench.report import record
 from fm import keys
 from fm.baselines.celldancer import CellDancerHead
 from fm.baselines.common import batch_from_dense
 from fm.baselines.scvi import SCVIConfig, SCVIHead
 
 log = logging.getLogger("bench.baselines")
-ROOT = Path(__file__).resolve().parents[1]
-BENCH_FILE = ROOT / "docs" / "BENCHMARKS.md"
-SECTION = "## Baselines"
 PANCREAS = Path(os.environ.get("FM_SHARED_DATA", "/work/shared/data")) / "pancreas_supercell_3696x2000.h5ad"
 SCVI_ENV, CELLDANCER_ENV = Path("/tmp/scvi-env"), Path("/tmp/celldancer-env")
 CELLDANCER_PINS = [
@@ -355,19 +353,12 @@ def bench_celldancer_speed(package_genes: int, jobs: int, threads: int, steps: i
 
 # --- report ----------------------------------------------------------------------------------------------------------
 def write_section(blocks: list[list[str]], command: str) -> None:
-    """Append one dated block per part under ``## Baselines`` (created at the end of the file when missing)."""
-    text = BENCH_FILE.read_text() if BENCH_FILE.exists() else "# Benchmarks\n"
+    """Add one dated run, of one block per part, to the ``## Baselines`` section."""
     machine = f"{platform.machine()} {platform.system()}, {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.0f}"
-    body = [f"\n### {datetime.date.today().isoformat()}, {machine}: `{command}`\n"]
+    body = [f"### {datetime.date.today().isoformat()}, {machine}: `{command}`", ""]
     for block in blocks:
         body += [*block, ""]
-    if SECTION not in text:
-        text = text.rstrip("\n") + f"\n\n{SECTION}\n\nWritten by `python -m bench.baselines` (see its docstring).\n"
-    lines = text.rstrip("\n").split("\n")
-    start = lines.index(SECTION)
-    end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-    lines[end:end] = body
-    BENCH_FILE.write_text("\n".join(lines).rstrip("\n") + "\n")
+    record("Baselines", "\n".join(body), intro="Written by `python -m bench.baselines` (see its docstring).")
 
 
 def main(argv=None) -> int:

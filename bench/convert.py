@@ -24,12 +24,14 @@ from pathlib import Path
 import psutil
 
 REPO = Path(__file__).resolve().parents[1]
-BENCHMARKS = REPO / "docs" / "BENCHMARKS.md"
-SECTION = "## convert"
-HEADER = (
-    "| date | machine | genes | workers | cells | seconds | cells/s | peak RSS (MiB) |\n"
-    "|---|---|---|---|---|---|---|---|\n"
-)
+sys.path.insert(0, str(REPO))
+
+from bench.report import record  # noqa: E402
+
+INTRO = """`python bench/convert.py`: simulated .h5ad (bifurcation) -> corpus.
+
+| date | machine | genes | workers | cells | seconds | cells/s | peak RSS (MiB) |
+|---|---|---|---|---|---|---|---|"""
 
 
 def simulate_file(path: Path, n_cells: int, n_genes: int) -> Path:
@@ -63,22 +65,6 @@ def measure(cmd: list[str]) -> tuple[float, float]:
     return seconds, peak / 2**20
 
 
-def append_row(row: str) -> None:
-    BENCHMARKS.parent.mkdir(parents=True, exist_ok=True)
-    text = BENCHMARKS.read_text() if BENCHMARKS.is_file() else "# Benchmarks\n\nOne section per bench (bench/*.py).\n"
-    if SECTION not in text:
-        text = (
-            text.rstrip("\n")
-            + f"\n\n{SECTION}\n`python bench/convert.py`: simulated .h5ad (bifurcation) -> corpus.\n\n"
-        )
-        text += HEADER
-    head, _, tail = text.partition(SECTION)
-    # the section ends at the next "## " heading; the row goes at its end
-    end = tail.find("\n## ")
-    body, rest = (tail, "") if end < 0 else (tail[: end + 1], tail[end + 1 :])
-    BENCHMARKS.write_text(head + SECTION + body.rstrip("\n") + "\n" + row + "\n" + ("\n" + rest if rest else ""))
-
-
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--cells", type=int, nargs="+", default=[50_000, 200_000])
@@ -103,13 +89,14 @@ def main() -> int:
         results.append((n, seconds, peak))
         if not args.no_record:
             today = dt.date.today().isoformat()
-            append_row(
+            record(
+                "convert",
                 f"| {today} | {machine} | {args.genes} | {args.workers} | {n:,} | {seconds:.1f} | {n / seconds:,.0f} "
-                f"| {peak:.0f} |"
+                f"| {peak:.0f} |",
+                intro=INTRO,
             )
     return 0
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(REPO))
     sys.exit(main())

@@ -22,6 +22,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from bench.report import record
 from fm import keys
 from fm.data.schema import DatasetInfo, load_manifest
 from fm.data.shards import UnitIndex
@@ -31,7 +32,17 @@ from fm.data.vocab import GeneVocab
 from fm.data.writer import shard_name, write_manifest, write_shard
 
 log = logging.getLogger("bench.loader")
-ROOT = Path(__file__).resolve().parents[1]
+COLUMNS = ["date", "machine", "data", "fm in-process", "fm per CPU-s", "fm 1 worker", "fm 2 workers", "anndata backed",
+           "anndata per CPU-s", "datasets", "fm/anndata (CPU-s)", "padding"]
+INTRO = f"""\
+`python -m bench.loader`: cells/s from corpus to collated batch (fm: ShardedDataLoader in-process and with 1 or 2
+workers; anndata: random batches of backed `.h5ad` rows; datasets: `load_dataset("arrow")` over the same shards,
+shuffled), all through the same tokenize_block. "per CPU-s": cells per CPU-second of the one process doing all the
+work, which the machine's load does not distort; fm/anndata compares those. Padding: share of padded token slots,
+without / with length bucketing.
+
+| {" | ".join(COLUMNS)} |
+{"|---" * len(COLUMNS)}|"""
 
 
 def make_data(out: Path, n_cells: int, n_genes: int, nnz: int, cells_per_shard: int = 2000, rb: int = 256):
@@ -174,35 +185,7 @@ def main() -> None:
             f"{res['datasets']:,.0f} | {res['fm_w0_cpu'] / res['anndata_cpu']:.1f}x | {pad:.3f} / {pad_b:.3f} |")
     log.info(line)
     if not a.no_write:
-        append_row(ROOT / "docs" / "BENCHMARKS.md", line)
-
-
-HEADER = """## Loader
-
-`python -m bench.loader`: cells/s from corpus to collated batch (fm: ShardedDataLoader in-process and with 1 or 2
-workers; anndata: random batches of backed `.h5ad` rows; datasets: `load_dataset("arrow")` over the same shards,
-shuffled), all through the same tokenize_block. "per CPU-s": cells per CPU-second of the one process doing all the
-work, which the machine's load does not distort; fm/anndata compares those. Padding: share of padded token slots,
-without / with length bucketing.
-
-"""
-COLUMNS = ["date", "machine", "data", "fm in-process", "fm per CPU-s", "fm 1 worker", "fm 2 workers", "anndata backed",
-           "anndata per CPU-s", "datasets", "fm/anndata (CPU-s)", "padding"]
-HEADER += "| " + " | ".join(COLUMNS) + " |\n" + "|---" * len(COLUMNS) + "|\n"
-
-
-def append_row(path: Path, line: str) -> None:
-    """Add ``line`` to the ``## Loader`` table, creating the section (never rewriting other sections)."""
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    if "## Loader" not in text:
-        text = text.rstrip("\n") + "\n\n" + HEADER + line + "\n"
-    else:
-        head, rest = text.split("## Loader", 1)
-        nxt = rest.find("\n## ")
-        section, tail = (rest, "") if nxt < 0 else (rest[:nxt], rest[nxt:])
-        text = head + "## Loader" + section.rstrip("\n") + "\n" + line + "\n" + tail
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
+        record("Loader", line, intro=INTRO)
 
 
 if __name__ == "__main__":

@@ -6,15 +6,17 @@
 Simulates a bifurcation (data_prep.simulate), converts it, pretrains through the real entry point (fm.train.run on
 configs/), then measures on held-out cells (a second simulated dataset, same kinetics): spliced->unspliced top-1
 retrieval among all held-out cells (vs chance 1/N), and a logistic-regression probe of the simulated lineage on
-z_fusion (trained on the training cells), against the same probe on a randomly initialised encoder. Appends a "##
-Pretraining probe" section to
-docs/BENCHMARKS.md.
+z_fusion (trained on the training cells), against the same probe on a randomly initialised encoder. Adds a run (a
+dated block) to the "## Pretraining probe" section of docs/BENCHMARKS.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import logging
+import os
+import platform
 import sys
 import tempfile
 import time
@@ -22,6 +24,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from bench.report import record  # noqa: E402
 
 log = logging.getLogger("bench.pretrain_probe")
 
@@ -59,9 +63,11 @@ def pretrain_and_probe(workdir: Path, preset: str = "debug", steps: int = 200, c
 
 
 def markdown(r: dict) -> str:
+    """One run: a ``### date, machine`` heading, the command and the table."""
     p, q = r["pretrained"], r["random"]
+    machine = f"{platform.machine()} {platform.system()}, {os.cpu_count()} CPUs"
     return "\n".join([
-        "## Pretraining probe",
+        f"### {datetime.date.today().isoformat()}, {machine}",
         "",
         f"`python bench/pretrain_probe.py --preset {r['preset']} --steps {r['steps']} --cells {r['cells']} "
         f"--genes {r['genes']}{''.join(' ' + o for o in r['overrides'])}` (simulated bifurcation, CPU, "
@@ -74,20 +80,7 @@ def markdown(r: dict) -> str:
         f"{p['probe_majority']:.3f} |",
         f"| random init | {q['retrieval_s2u']:.3f} | {q['retrieval_chance']:.3f} | {q['probe_z_fusion']:.3f} | "
         f"{q['probe_majority']:.3f} |",
-        "",
     ])
-
-
-def append_section(text: str, path: Path = REPO / "docs" / "BENCHMARKS.md") -> None:
-    """Replace this section if present, else append it; other sections are left as they are."""
-    title = text.splitlines()[0]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    old = path.read_text() if path.exists() else "# Benchmarks\n\n"
-    if title in old:
-        head, rest = old.split(title, 1)
-        nxt = rest.find("\n## ")
-        old = head + (rest[nxt + 1:] if nxt >= 0 else "")
-    path.write_text(old.rstrip("\n") + "\n\n" + text)
 
 
 def main() -> None:
@@ -106,7 +99,7 @@ def main() -> None:
     text = markdown(r)
     sys.stdout.write(text + "\n")
     if not args.no_write:
-        append_section(text)
+        record("Pretraining probe", text)
 
 
 if __name__ == "__main__":

@@ -6,12 +6,14 @@
 One step = the task's loss (encoder + contrastive head) forward, backward and AdamW, on synthetic batches in the
 collator's layout (every gene real; G gene tokens per modality). FLOPs per step are counted by
 torch.utils.flop_counter on the first step; MFU = achieved FLOP/s / peak (H100 bf16 dense: 989 TFLOP/s, or
---peak-tflops). Appends (replaces) a "## Train step" section in docs/BENCHMARKS.md.
+--peak-tflops). Adds a run (a dated block) to the "## Train step" section of docs/BENCHMARKS.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
+import os
 import platform
 import sys
 import time
@@ -21,8 +23,8 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "bench"))
 
+from bench.report import record  # noqa: E402
 from fm import keys  # noqa: E402
 from fm.tasks.pretrain import PretrainTask, model_config  # noqa: E402
 
@@ -86,7 +88,9 @@ def main() -> None:
     rows = [measure(p, args.batch, args.genes, args.vocab, args.steps, device, cuda, args.attention) for p in presets]
     where = torch.cuda.get_device_name() if cuda else f"CPU ({platform.processor() or platform.machine()}, " \
         f"{torch.get_num_threads()} threads)"
-    lines = ["## Train step", "",
+    machine = f"{platform.machine()} {platform.system()}, {os.cpu_count()} CPUs"
+    machine += f", {torch.cuda.get_device_name()}" if cuda else ""
+    lines = [f"### {datetime.date.today().isoformat()}, {machine}", "",
              f"`python bench/train_step.py --batch {args.batch} --genes {args.genes}` on {where}, "
              f"{'bf16 autocast' if cuda else 'fp32'}, attention {args.attention}; one step = loss forward, backward "
              "and AdamW of the pretraining task.", "",
@@ -100,9 +104,7 @@ def main() -> None:
     text = "\n".join(lines) + "\n"
     sys.stdout.write(text)
     if not args.no_write:
-        from pretrain_probe import append_section
-
-        append_section(text)
+        record("Train step", text)
 
 
 if __name__ == "__main__":
