@@ -5,6 +5,7 @@
     fm prep validate corpus/
     fm demo --out runs/demo          # the README's main job on a built-in default
     fm pretrain data.corpus=corpus/ trainer.max_steps=50        # Hydra overrides pass through (-m: a sweep)
+    fm finetune head=velocity checkpoint=runs/pretrain/x/checkpoints/last.ckpt data.corpus=corpus/
 
 Each subcommand lives in the module that does the work and registers itself through ``add_parser``; heavy imports
 (torch, anndata) happen inside the command, so `fm --help` stays fast.
@@ -39,6 +40,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pretrain.add_argument("overrides", nargs=argparse.REMAINDER, help="passed to Hydra (configs/pretrain.yaml)")
     pretrain.set_defaults(func=_pretrain)
+
+    finetune = commands.add_parser(
+        "finetune", add_help=False, help="fine-tune a decoder head from a checkpoint; head=... checkpoint=... key=value"
+    )
+    finetune.add_argument("overrides", nargs=argparse.REMAINDER, help="passed to Hydra (configs/finetune.yaml)")
+    finetune.set_defaults(func=_finetune)
     return parser
 
 
@@ -49,15 +56,21 @@ def _pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
-def _is_pretrain(argv: list[str]) -> bool:
-    # Hydra parses its own flags (-m, --cfg, --help), which argparse would reject: hand everything after it over
-    return bool(argv) and argv[0] == "pretrain"
+def _finetune(args: argparse.Namespace) -> int:
+    from fm.finetune import cli
+
+    cli(args.overrides)
+    return 0
+
+
+# Hydra parses its own flags (-m, --cfg, --help), which argparse would reject: hand everything after these over
+HYDRA_COMMANDS = {"pretrain": _pretrain, "finetune": _finetune}
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if _is_pretrain(argv):
-        return _pretrain(argparse.Namespace(overrides=argv[1:]))
+    if argv and argv[0] in HYDRA_COMMANDS:
+        return HYDRA_COMMANDS[argv[0]](argparse.Namespace(overrides=argv[1:]))
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(

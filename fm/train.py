@@ -54,20 +54,46 @@ def read_checkpoint_meta(path: str | os.PathLike) -> dict | None:
     return torch.load(path, map_location="cpu", weights_only=False).get(CKPT_KEY)
 
 
-def _check_paths(cfg: DictConfig) -> None:
-    for key in ("ckpt_path", "init_ckpt"):
+def check_paths(cfg: DictConfig, names: tuple[str, ...] = ("ckpt_path", "init_ckpt")) -> None:
+    """Raise FileNotFoundError naming the key when a checkpoint path in ``cfg`` does not exist."""
+    for key in names:
         value = cfg.get(key)
         if value is not None and not Path(value).exists():
             raise FileNotFoundError(f"{key}={value}: no such checkpoint file or folder")
 
 
-def compose(overrides: list[str]) -> DictConfig:
-    """The pretrain config with ``overrides``, composed outside a Hydra run (set ``output_dir``: no Hydra run dir)."""
+def compose(overrides: list[str], config_name: str = "pretrain") -> DictConfig:
+    """A config of configs/ (pretrain, finetune) with ``overrides``, composed outside a Hydra run (set
+    ``output_dir``: there is no Hydra run dir)."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
     with initialize_config_dir(CONFIG_DIR, version_base="1.3"):
-        return hydra_compose("pretrain", overrides=list(overrides))
+        return hydra_compose(config_name, overrides=list(overrides))
+
+
+def setup_run(cfg: DictConfig, checkpoint_keys: tuple[str, ...] = ("ckpt_path", "init_ckpt")) -> None:
+    """What every run does first: check the checkpoint paths, seed everything, pick the matmul precision."""
+    import lightning as L
+
+    check_paths(cfg, checkpoint_keys)
+    L.seed_everything(cfg.seed, workers=True)
+    torch.set_float32_matmul_precision("high")
+
+
+def fit(cfg: DictConfig, task, datamodule, callbacks: list | None = None) -> dict:
+    """Instantiate ``cfg``'s callbacks, loggers and trainer; fit ``task`` (resuming from ``cfg.ckpt_path`` if set).
+
+    Returns the trainer, task, datamodule and the last logged scalar metrics.
+    """
+    from hydra.utils import instantiate
+
+    cbs = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None] + list(callbacks or [])
+    loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
+    trainer = instantiate(cfg.trainer, callbacks=cbs, logger=loggers or False)
+    trainer.fit(task, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
+    return {"trainer": trainer, "task": task, "datamodule": datamodule, "metrics": metrics}
 
 
 def run(cfg: DictConfig, callbacks: list | None = None) -> dict:
@@ -77,15 +103,11 @@ def run(cfg: DictConfig, callbacks: list | None = None) -> dict:
         cfg: the composed pretrain config.
         callbacks: extra callbacks (tests use this), added after those in ``cfg.callbacks``.
     """
-    import lightning as L
     from hydra.utils import instantiate
 
     from fm.tasks.pretrain import check_checkpoint_meta
 
-    _check_paths(cfg)
-    L.seed_everything(cfg.seed, workers=True)
-    torch.set_float32_matmul_precision("high")
-
+    setup_run(cfg)
     datamodule = instantiate(cfg.data)
     model_cfg = instantiate(cfg.model, vocab_size=len(datamodule.vocab))
     task = instantiate(cfg.task, model=model_cfg, vocab_hash=datamodule.vocab.hash, _convert_="all")
@@ -93,13 +115,7 @@ def run(cfg: DictConfig, callbacks: list | None = None) -> dict:
         check_checkpoint_meta(read_checkpoint_meta(cfg.ckpt_path), datamodule.vocab.hash, model_cfg, cfg.ckpt_path)
     if cfg.get("init_ckpt"):
         init_from_checkpoint(task, cfg.init_ckpt)
-
-    cbs = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None] + list(callbacks or [])
-    loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
-    trainer = instantiate(cfg.trainer, callbacks=cbs, logger=loggers or False)
-    trainer.fit(task, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
-    return {"trainer": trainer, "task": task, "datamodule": datamodule, "metrics": metrics}
+    return fit(cfg, task, datamodule, callbacks)
 
 
 def init_from_checkpoint(task, path: str | os.PathLike) -> None:

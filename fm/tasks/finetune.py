@@ -1,0 +1,240 @@
+"""Fine-tuning as a LightningModule: a pretrained Zorro encoder (frozen, partly or fully trainable) and one head.
+
+    python -m fm.finetune head=velocity checkpoint=runs/pretrain/x/checkpoints/last.ckpt data.corpus=corpus/
+    fm finetune head=expression checkpoint=... task.finetune.encoder=last_k
+
+The head is chosen by its config's type (configs/head/{expression,velocity,generative}.yaml instantiate
+ExpressionConfig, VelocityConfig or GenerativeConfig). The head gets ``optim.lr``, the trainable part of the encoder
+``task.finetune.encoder_lr``, both on the same warmup-cosine schedule. A frozen encoder runs without gradients and in
+eval mode (no dropout). Checkpoints carry ``checkpoint["fm"]`` as pretraining's do (model config, vocabulary hash,
+RNG states) plus the head's name, so a fine-tuned checkpoint describes itself.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+import lightning as L
+import torch
+
+from fm import keys
+from fm.heads.base import Head, LossOutput, check_fields
+from fm.heads.expression import ExpressionConfig, ExpressionHead
+from fm.heads.generative import GenerativeConfig, GenerativeHead
+from fm.heads.velocity import VelocityConfig, VelocityHead
+from fm.model.config import ZorroConfig
+from fm.model.zorro import ZorroEncoder
+from fm.tasks.optim import OptimConfig, param_groups, warmup_cosine
+from fm.tasks.pretrain import (
+    CKPT_KEY,
+    CheckpointMismatchError,
+    check_checkpoint_meta,
+    model_width,
+    rng_state,
+    set_rng_state,
+)
+
+log = logging.getLogger(__name__)
+
+# head name -> (config class, head class); a config's type picks its head
+HEADS: dict[str, tuple[type, type[Head]]] = {
+    "expression": (ExpressionConfig, ExpressionHead),
+    "velocity": (VelocityConfig, VelocityHead),
+    "generative": (GenerativeConfig, GenerativeHead),
+}
+
+
+@dataclass
+class FinetuneConfig:
+    """How much of the encoder trains, and how fast."""
+
+    encoder: Literal["frozen", "last_k", "full"] = "frozen"  # frozen | last_k (the last unfreeze_last blocks) | full
+    unfreeze_last: int = 1  # last_k: trainable blocks, counted from the top (the final norm and pooling train too)
+    encoder_lr: float = 1e-4  # peak learning rate of the trainable encoder parameters (the head uses optim.lr)
+    init_queries: bool = True  # copy the encoder's gene embedding into the head's own gene table before training
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        bad = [name for name in ("encoder_lr", "unfreeze_last") if getattr(self, name) <= 0]
+        if bad:
+            raise ValueError(f"FinetuneConfig.{bad[0]} must be positive, got {getattr(self, bad[0])}")
+
+
+def head_name(config) -> str:
+    """The name of the head a config instance belongs to (``FinetuneTask.head`` names the field on error)."""
+    for name, (config_cls, _) in HEADS.items():
+        if isinstance(config, config_cls):
+            return name
+    valid = ", ".join(c.__name__ for c, _ in HEADS.values())
+    raise TypeError(f"FinetuneTask.head: expected one of {valid} (configs/head/), got {type(config).__name__}")
+
+
+def load_encoder_state(path: str | os.PathLike, vocab_hash: str | None) -> tuple[ZorroConfig, dict]:
+    """The encoder config and weights of a pretraining (or fine-tuning) checkpoint file; vocabulary checked.
+
+    Raises:
+        CheckpointMismatchError: not an fm checkpoint, another vocabulary, or no encoder weights (names file, field).
+    """
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    meta = ckpt.get(CKPT_KEY) if isinstance(ckpt, dict) else None
+    if meta is None or "model_config" not in meta:
+        raise CheckpointMismatchError(f"{path}: not an fm training checkpoint (no '{CKPT_KEY}.model_config' entry)")
+    config = ZorroConfig.from_dict(meta["model_config"])
+    check_checkpoint_meta(meta, vocab_hash, config, str(path))
+    prefix = "encoder."
+    state = {k[len(prefix):]: v for k, v in ckpt.get("state_dict", {}).items() if k.startswith(prefix)}
+    if not state:
+        raise CheckpointMismatchError(f"{path}: state_dict has no '{prefix}*' weights")
+    return config, state
+
+
+class FinetuneTask(L.LightningModule):
+    """A Zorro encoder and one decoder head; the encoder frozen, partly or fully trainable.
+
+    Args:
+        model: the encoder config (or its dict): the pretraining checkpoint's.
+        head: the head's config, an ExpressionConfig, VelocityConfig or GenerativeConfig (or a dict of its fields
+            with ``name``: expression | velocity | generative).
+        finetune: which encoder parameters train, and their learning rate.
+        optim: optimiser and schedule settings; ``optim.lr`` is the head's peak learning rate.
+        vocab_hash: hash of the vocabulary the model embeds; stored in checkpoints and checked on load.
+        seed: seeds the per-step input-corruption generator of heads that hide tokens.
+    """
+
+    def __init__(
+        self,
+        model: ZorroConfig | dict,
+        head: ExpressionConfig | VelocityConfig | GenerativeConfig | Mapping,
+        finetune: FinetuneConfig | Mapping | None = None,
+        optim: OptimConfig | Mapping | None = None,
+        vocab_hash: str | None = None,
+        seed: int = 0,
+    ):
+        super().__init__()
+        model = ZorroConfig.from_dict(dict(model)) if isinstance(model, Mapping) else model
+        if isinstance(head, Mapping):
+            fields = dict(head)
+            name = fields.pop("name", None)
+            if name not in HEADS:
+                raise ValueError(f"FinetuneTask.head.name: must be one of {tuple(HEADS)}, got {name!r}")
+            head = HEADS[name][0](**fields)
+        name = head_name(head)
+        finetune = FinetuneConfig(**finetune) if isinstance(finetune, Mapping) else (finetune or FinetuneConfig())
+        optim = OptimConfig(**optim) if isinstance(optim, Mapping) else (optim or OptimConfig())
+        if finetune.encoder == "last_k" and finetune.unfreeze_last > model.depth:
+            raise ValueError(
+                f"FinetuneConfig.unfreeze_last: {finetune.unfreeze_last} > the encoder's depth {model.depth}"
+            )
+        self.model_config, self.head_name, self.head_config = model, name, head
+        self.finetune_config, self.optim_config, self.vocab_hash, self.seed = finetune, optim, vocab_hash, seed
+        self.save_hyperparameters(
+            {"model": model.to_dict(), "head": {"name": name, **asdict(head)}, "finetune": asdict(finetune),
+             "optim": asdict(optim), "vocab_hash": vocab_hash, "seed": seed}
+        )
+        self.encoder = ZorroEncoder(model)
+        self.head = HEADS[name][1](model_width(model), model.vocab_size, head)
+        self._set_trainable()
+
+    # --- which encoder parameters train --------------------------------------------------------------------
+    def _set_trainable(self) -> None:
+        mode = self.finetune_config.encoder
+        self.encoder.requires_grad_(mode == "full")
+        if mode == "last_k":
+            # the top blocks and everything above them (final norm, pooling, global projection)
+            top = [*self.encoder.blocks[-self.finetune_config.unfreeze_last:], self.encoder.norm,
+                   self.encoder.global_proj]
+            top += [getattr(self.encoder, n) for n in ("pool_spliced", "pool_unspliced") if hasattr(self.encoder, n)]
+            for module in top:
+                module.requires_grad_(True)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.finetune_config.encoder == "frozen":
+            self.encoder.eval()  # no dropout in a frozen encoder
+        return self
+
+    @torch.no_grad()
+    def init_encoder(self, state: dict, source: str = "checkpoint") -> None:
+        """Load encoder weights (from :func:`load_encoder_state`); seed the head's gene table from them."""
+        self.encoder.load_state_dict(state)
+        if self.finetune_config.init_queries:
+            table = self.head.decoder.gene_queries if hasattr(self.head, "decoder") else self.head.gene_embedding
+            table.weight.copy_(self.encoder.gene_embedding.weight)
+        log.info("encoder loaded from %s (%s; %s head)", source, self.finetune_config.encoder, self.head_name)
+
+    # --- steps ---------------------------------------------------------------------------------------------
+    def forward(self, batch: dict):
+        """Encoder output of a batch (no corruption)."""
+        return self.encoder(batch)
+
+    def compute_loss(self, batch: dict, generator: torch.Generator | None = None) -> LossOutput:
+        batch = self.head.prepare(batch, generator)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.finetune_config.encoder != "frozen"):
+            encoded = self.encoder(batch)
+        return self.head.loss(batch, self.head(batch, encoded))
+
+    def training_step(self, batch: dict, batch_idx: int):
+        generator = torch.Generator().manual_seed(hash((self.seed, self.global_step)) % (2**63))
+        out = self.compute_loss(batch, generator)
+        if not out.is_finite():
+            raise FloatingPointError(
+                f"non-finite fine-tuning loss at step {self.global_step} "
+                f"(parts={ {k: v.item() for k, v in out.parts.items()} })"
+            )
+        self._log_loss(out, "train", batch)
+        return out.loss
+
+    def validation_step(self, batch: dict, batch_idx: int):
+        out = self.compute_loss(batch, torch.Generator().manual_seed(self.seed + batch_idx))
+        self._log_loss(out, "val", batch)
+        return out.loss
+
+    def _log_loss(self, out: LossOutput, stage: str, batch: dict) -> None:
+        """The total, the head's loss parts and its metrics as ``{stage}/...``; the total on the progress bar."""
+        n = batch[keys.B_GENE_MASK].shape[0]
+        self.log_dict(out.to_log(stage), batch_size=n, sync_dist=stage != "train")
+        if stage == "train":
+            self.log("loss", out.loss.detach(), prog_bar=True, logger=False, batch_size=n)
+
+    def configure_optimizers(self):
+        # the head at optim.lr, the trainable encoder at finetune.encoder_lr, one warmup-cosine schedule for both
+        c = self.optim_config
+        total = c.total_steps or int(self.trainer.estimated_stepping_batches)
+        groups = [
+            {**group, "lr": lr}
+            for module, lr in ((self.head, c.lr), (self.encoder, self.finetune_config.encoder_lr))
+            for group in param_groups(module, c.weight_decay)
+            if group["params"]
+        ]
+        opt = torch.optim.AdamW(groups, lr=c.lr, betas=(c.beta1, c.beta2), eps=c.eps)
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda step: warmup_cosine(step, c.warmup_steps, total, c.min_lr_ratio)
+        )
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def on_fit_start(self) -> None:
+        n_train = sum(p.numel() for p in self.encoder.parameters() if p.requires_grad)
+        if self.trainer.is_global_zero:
+            log.info("fine-tuning the %s head; encoder %s: %s of %s parameters train", self.head_name,
+                     self.finetune_config.encoder, f"{n_train:,}", f"{self.encoder.num_parameters():,}")
+
+    # --- checkpoints ---------------------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint[CKPT_KEY] = {
+            "model_config": self.model_config.to_dict(),
+            "vocab_hash": self.vocab_hash,
+            "head": self.head_name,
+            "rng": rng_state(),
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        meta = checkpoint.get(CKPT_KEY)
+        check_checkpoint_meta(meta, self.vocab_hash, self.model_config, "checkpoint")
+        if meta.get("head") != self.head_name:
+            raise CheckpointMismatchError(f"checkpoint: head {meta.get('head')!r} differs from {self.head_name!r}")
+        if meta.get("rng") is not None:
+            set_rng_state(meta["rng"])
