@@ -46,7 +46,8 @@ def run_demo(out: str | Path, *, cells: int = 2000, genes: int = 200, seed: int 
     dm = CorpusDataModule(corpus=str(corpus), batch_size=64, num_workers=0, max_genes=genes, seed=seed)
     dm.setup("fit")
     for i, batch in zip(range(3), dm.train_dataloader()):
-        log.info("  batch %d: %s genes x %d cells", i, tuple(batch[keys.B_GENE_IDS].shape), len(batch[keys.B_CELL_ID]))
+        n_cells, n_tokens = batch[keys.B_GENE_IDS].shape
+        log.info("  batch %d: %d cells x %d gene tokens per modality", i, n_cells, n_tokens)
 
     if steps > 0:
         from fm import train
