@@ -6,6 +6,7 @@
     fm demo --out runs/demo          # the README's main job on a built-in default
     fm pretrain data.corpus=corpus/ trainer.max_steps=50        # Hydra overrides pass through (-m: a sweep)
     fm finetune head=velocity checkpoint=runs/pretrain/x/checkpoints/last.ckpt data.corpus=corpus/
+    fm export runs/finetune/x/checkpoints/last.ckpt --out releases/fm-velocity   # a release folder
 
 Each subcommand lives in the module that does the work and registers itself through ``add_parser``; heavy imports
 (torch, anndata) happen inside the command, so `fm --help` stays fast.
@@ -20,7 +21,7 @@ import sys
 
 def build_parser() -> argparse.ArgumentParser:
     from data_prep import convert, simulate, validate
-    from fm import __version__, demo
+    from fm import __version__, checkpoint, demo
 
     parser = argparse.ArgumentParser(prog="fm", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"fm {__version__}")
@@ -46,6 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     finetune.add_argument("overrides", nargs=argparse.REMAINDER, help="passed to Hydra (configs/finetune.yaml)")
     finetune.set_defaults(func=_finetune)
+
+    checkpoint.add_parser(commands)
     return parser
 
 
