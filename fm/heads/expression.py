@@ -83,7 +83,7 @@ class GeneQueryDecoder(nn.Module):
 
     def __init__(self, dim: int, vocab_size: int, n_heads: int, n_out: int, hidden_mult: int = 2):
         super().__init__()
-        self.gene_queries = nn.Embedding(vocab_size, dim, padding_idx=0)
+        self.gene_queries = nn.Embedding(vocab_size, dim)  # index 0 is a real gene; padding is masked
         nn.init.normal_(self.gene_queries.weight, std=0.02)
         # the encoder's own states of a query gene that is one of the cell's visible tokens (zero where hidden or
         # padding): velocity and expression of gene g depend first on that gene's (u, s)

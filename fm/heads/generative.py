@@ -124,7 +124,7 @@ class GenerativeHead(Head):
     def __init__(self, dim: int, vocab_size: int, config: GenerativeConfig | Mapping | None = None):
         super().__init__()
         self.config = c = build_config(GenerativeConfig, config)
-        self.gene_embedding = nn.Embedding(vocab_size, dim, padding_idx=0)
+        self.gene_embedding = nn.Embedding(vocab_size, dim)  # index 0 is a real gene; padding is masked
         nn.init.normal_(self.gene_embedding.weight, std=0.02)
         self.present_proj = nn.Linear(2, dim)
         self.future_proj = nn.Linear(2, dim)

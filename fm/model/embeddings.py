@@ -35,7 +35,7 @@ class TokenEmbedding(nn.Module):
 
     def __init__(self, cfg: ZorroConfig) -> None:
         super().__init__()
-        self.gene = nn.Embedding(cfg.vocab_size, cfg.d_model, padding_idx=0)
+        self.gene = nn.Embedding(cfg.vocab_size, cfg.d_model)  # index 0 is a real gene; padding is masked
         self.value_spliced = ValueEmbedding(cfg)
         self.value_unspliced = ValueEmbedding(cfg)
         self.modality = nn.Embedding(2, cfg.d_model)  # 0 spliced, 1 unspliced

@@ -98,8 +98,6 @@ class ZorroEncoder(nn.Module):
             self.pool_unspliced = CrossAttentionPooling(cfg.d_model, cfg.n_heads, n_queries=1, bias=cfg.bias)
         self.global_proj = nn.Linear(3 * cfg.d_model, cfg.d_model, bias=cfg.bias)
         self.apply(self._init_weights)
-        with torch.no_grad():
-            self.embed.gene.weight[0].zero_()  # padding row
 
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, nn.Linear):

@@ -230,3 +230,9 @@ def test_gpu_backend_matches_sdpa(backend):
         assert torch.isfinite(grad_b[name]).all(), name
         scale = grad_a[name].abs().max().clamp(min=1e-6)
         assert ((grad_b[name] - grad_a[name]).abs().max() / scale) < 0.1, name
+
+
+def test_gene_zero_is_a_gene_with_a_trainable_embedding():
+    """Vocabulary index 0 is a real gene (padding is masked, not a reserved id): its embedding is not pinned to 0."""
+    enc = make_encoder()
+    assert enc.gene_embedding.padding_idx is None and enc.gene_embedding.weight[0].abs().sum() > 0
