@@ -147,7 +147,9 @@ class EpochPlan:
 
 
 def hash_unit_interval(dataset_ids: pa.Array, cell_ids: pa.Array) -> np.ndarray:
-    """A stable number in [0, 1) per cell: 64-bit FNV-1a of ``dataset_id + '\\x1f' + cell_id`` (vectorised).
+    """A stable number in [0, 1) per cell: 64-bit FNV-1a of ``dataset_id + '\\x1f' + cell_id`` (vectorised), then
+    murmur3's fmix64 finaliser: FNV alone leaves the top bits nearly equal for ids that differ only at the end
+    (``cell1``, ``cell2``, ...), so a split by ``val_fraction`` would hold out far more or fewer cells than asked.
 
     Stable across machines, processes and Python versions (unlike ``hash``), so a split never moves a cell.
     """
@@ -163,6 +165,9 @@ def hash_unit_interval(dataset_ids: pa.Array, cell_ids: pa.Array) -> np.ndarray:
             h[m] = (h[m] ^ data[starts[m] + p].astype(np.uint64)) * _FNV_PRIME
         if sep:
             h = (h ^ np.uint64(0x1F)) * _FNV_PRIME
+    for shift, mult in ((33, 0xFF51AFD7ED558CCD), (33, 0xC4CEB9FE1A85EC53)):
+        h = (h ^ (h >> np.uint64(shift))) * np.uint64(mult)
+    h ^= h >> np.uint64(33)
     return (h >> np.uint64(11)).astype(np.float64) / float(1 << 53)
 
 

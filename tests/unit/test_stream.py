@@ -156,6 +156,17 @@ def test_hash_is_stable():
     assert hash_unit_interval(pa.array(["d"]), pa.array(["0a"]))[0] != h[0]
 
 
+@pytest.mark.parametrize("fraction", [0.02, 0.05, 0.3])
+def test_hash_split_holds_out_the_fraction_asked_for_sequential_ids(fraction):
+    import pyarrow as pa
+
+    n = 20_000  # ids that differ only at the end, as real barcodes and simulator names do
+    h = hash_unit_interval(pa.array(["sim"] * n), pa.array([f"cell{i}" for i in range(n)]))
+    held_out = float((h < fraction).mean())
+    assert abs(held_out - fraction) < 4 * (fraction * (1 - fraction) / n) ** 0.5 + 1e-3, held_out
+    assert abs(float(np.median(h)) - 0.5) < 0.02  # uniform, not clustered
+
+
 def _dm_ids(dm, loader) -> set:
     return {(d, c) for b in loader for d, c in zip(b[keys.B_DATASET_ID], b[keys.B_CELL_ID], strict=True)}
 
