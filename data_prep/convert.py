@@ -30,7 +30,7 @@ import os
 import shutil
 from collections.abc import Iterator
 from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
-from dataclasses import asdict, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -152,6 +152,25 @@ def _run(fn, tasks: list[tuple], pool: ProcessPoolExecutor | None, progress, tas
         yield fut.result()
 
 
+@dataclass
+class _Job:
+    """One conversion, its inputs inspected and its settings checked by :func:`convert`."""
+
+    paths: list[Path]
+    out: Path
+    datasets: list[DatasetSpec]
+    inspected: list[tuple]  # (DatasetSpec, gene ids or None, symbols) per input
+    given_vocab: GeneVocab | None
+    filters: FilterConfig
+    settings_hash: str
+    workers: int
+    shard_size: int
+    record_batch_size: int
+    allow_non_integer: bool
+    overwrite: bool
+    progress: bool
+
+
 def convert(
     inputs: list[str | os.PathLike],
     out: str | os.PathLike,
@@ -218,20 +237,8 @@ def convert(
                 log.info("%s: up to date (settings %s); nothing to do", out, settings_hash[:12])
                 return done
             return _convert_locked(
-                paths,
-                out,
-                datasets,
-                inspected,
-                given_vocab,
-                filters,
-                settings,
-                settings_hash,
-                workers,
-                shard_size,
-                record_batch_size,
-                allow_non_integer,
-                overwrite,
-                progress,
+                _Job(paths, out, datasets, inspected, given_vocab, filters, settings_hash, workers, shard_size,
+                     record_batch_size, allow_non_integer, overwrite, progress)
             )
     except ConversionError:
         if created:  # bad input into a new folder: leave nothing behind (an interrupted run keeps its shards)
@@ -256,68 +263,54 @@ def _up_to_date(out: Path, settings_hash: str) -> Manifest | None:
     return manifest
 
 
-def _convert_locked(
-    paths,
-    out,
-    datasets,
-    inspected,
-    given_vocab,
-    filters,
-    settings,
-    settings_hash,
-    workers,
-    shard_size,
-    record_batch_size,
-    allow_non_integer,
-    overwrite,
-    progress,
-) -> Manifest:
-    shard_dir = out / SHARD_DIR
+def _convert_locked(job: _Job) -> Manifest:
+    shard_dir = job.out / SHARD_DIR
     # shards from other settings: refuse before any work, unless asked to replace them
-    foreign = [p for p in sorted(shard_dir.glob("part-*.arrow")) if shard_settings_hash(p) != settings_hash]
-    if foreign and not overwrite:
+    foreign = [p for p in sorted(shard_dir.glob("part-*.arrow")) if shard_settings_hash(p) != job.settings_hash]
+    if foreign and not job.overwrite:
         raise ConversionError(
-            f"{out}: {len(foreign)} shards (e.g. {foreign[0].name}) were written with other settings or inputs; "
+            f"{job.out}: {len(foreign)} shards (e.g. {foreign[0].name}) were written with other settings or inputs; "
             f"use --overwrite to replace them, or another --out"
         )
-    chunk = record_batch_size
-    pool = _pool(workers)
-    with _progress(progress) as bar, pool or contextlib.nullcontext():
+    chunk = job.record_batch_size
+    pool = _pool(job.workers)
+    with _progress(job.progress) as bar, pool or contextlib.nullcontext():
         # pass 1: statistics, in blocks of shard_size rows
         tasks, weights, owners = [], [], []
-        for k, ds in enumerate(datasets):
-            for a in range(0, ds.n_cells, shard_size):
-                b = min(a + shard_size, ds.n_cells)
-                tasks.append((ds, a, b, chunk, allow_non_integer))
+        for k, ds in enumerate(job.datasets):
+            for a in range(0, ds.n_cells, job.shard_size):
+                b = min(a + job.shard_size, ds.n_cells)
+                tasks.append((ds, a, b, chunk, job.allow_non_integer))
                 weights.append(b - a)
                 owners.append(k)
         tid = bar.add_task("statistics", total=sum(weights))
-        parts: list[list[BlockStats]] = [[] for _ in datasets]
+        parts: list[list[BlockStats]] = [[] for _ in job.datasets]
         for k, st in zip(owners, _run(collect_stats, tasks, pool, bar, tid, weights), strict=True):
             parts[k].append(st)
         stats = [merge_stats(p) for p in parts]
 
         # filters, vocabulary, mapping
-        gene_keep = [gene_mask(st, filters) for st in stats]
-        for ds, st in zip(datasets, stats, strict=True):
+        gene_keep = [gene_mask(st, job.filters) for st in stats]
+        for ds, st in zip(job.datasets, stats, strict=True):
             h = st.cell_id_hash
             if len(np.unique(h)) != len(h):
                 raise ConversionError(f"{ds.path}: the cell names (obs_names) are not unique")
-        if given_vocab is None:
+        if job.given_vocab is None:
             vocab = build_vocab(
                 (
                     [ids[i] for i in np.flatnonzero(keep)] if ids is not None else None,
                     [syms[i] for i in np.flatnonzero(keep)],
                 )
-                for (_, ids, syms), keep in zip(inspected, gene_keep, strict=True)
+                for (_, ids, syms), keep in zip(job.inspected, gene_keep, strict=True)
             )
         else:
-            vocab = given_vocab
+            vocab = job.given_vocab
         plan: list[ShardTask] = []
         infos: list[DatasetInfo] = []
-        for path, ds, (_, ids, syms), keep, st in zip(paths, datasets, inspected, gene_keep, stats, strict=True):
+        per_input = zip(job.paths, job.datasets, job.inspected, gene_keep, stats, strict=True)
+        for path, ds, (_, ids, syms), keep, st in per_input:
             index, mapping = map_onto(vocab, ids, syms, keep)
-            cells = np.flatnonzero(cell_mask(st, filters))
+            cells = np.flatnonzero(cell_mask(st, job.filters))
             genes = np.flatnonzero(index >= 0)
             genes = genes[np.argsort(index[genes], kind="stable")]
             log.info(
@@ -331,17 +324,17 @@ def _convert_locked(
             )
             if mapping.unmatched:
                 log.warning("%s: %d genes not in the vocabulary are not stored", ds.dataset_id, len(mapping.unmatched))
-            for a in range(0, len(cells), shard_size):
+            for a in range(0, len(cells), job.shard_size):
                 plan.append(
                     ShardTask(
                         index=len(plan),
                         dataset=ds,
-                        rows=cells[a : a + shard_size],
+                        rows=cells[a : a + job.shard_size],
                         genes=genes,
                         vocab_index=index[genes],
                         path=str(shard_dir / shard_name(len(plan))),
-                        settings_hash=settings_hash,
-                        record_batch_size=record_batch_size,
+                        settings_hash=job.settings_hash,
+                        record_batch_size=job.record_batch_size,
                     )
                 )
             infos.append(
@@ -354,19 +347,19 @@ def _convert_locked(
                     n_genes_matched=mapping.n_matched,
                     n_genes_unmatched=len(mapping.unmatched),
                     filters={
-                        **asdict(filters),
+                        **asdict(job.filters),
                         "n_cells_failing_filters": int(ds.n_cells - len(cells)),
                         "n_genes_failing_filters": int((~keep).sum()),
                         "unmatched_genes": mapping.unmatched[:100],
-                        "settings_hash": settings_hash,
-                        "allow_non_integer": allow_non_integer,
+                        "settings_hash": job.settings_hash,
+                        "allow_non_integer": job.allow_non_integer,
                     },
                     targets=ds.targets,
                 )
             )
 
         # pass 2: one task per shard; finished shards (same settings) are kept. The input is known to be good now.
-        (out / MANIFEST_NAME).unlink(missing_ok=True)  # from here on the corpus is not a finished one
+        (job.out / MANIFEST_NAME).unlink(missing_ok=True)  # from here on the corpus is not a finished one
         for p in shard_dir.glob(".*.tmp-*"):  # temporary files of a killed run
             log.info("removing %s, left by an interrupted run", p)
             p.unlink()
@@ -376,7 +369,7 @@ def _convert_locked(
         for p in shard_dir.glob("part-*.arrow"):
             if p.name not in planned:
                 p.unlink()
-        todo = [t for t in plan if shard_settings_hash(Path(t.path)) != settings_hash]
+        todo = [t for t in plan if shard_settings_hash(Path(t.path)) != job.settings_hash]
         todo_index = {t.index for t in todo}
         kept = [t for t in plan if t.index not in todo_index]
         if kept:
@@ -392,8 +385,8 @@ def _convert_locked(
     shards = [shard_infos[t.index] for t in plan]
     for info in infos:
         info.n_cells_out = sum(s.n_cells for s in shards if s.dataset_id == info.dataset_id)
-    manifest = write_manifest(out, vocab, shards, infos, record_batch_size=record_batch_size)
-    log.info("%s: %d cells, %d shards, %d genes", out, manifest.n_cells, len(shards), len(vocab))
+    manifest = write_manifest(job.out, vocab, shards, infos, record_batch_size=job.record_batch_size)
+    log.info("%s: %d cells, %d shards, %d genes", job.out, manifest.n_cells, len(shards), len(vocab))
     return manifest
 
 
