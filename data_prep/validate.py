@@ -227,6 +227,10 @@ def print_report(report: ValidationReport) -> None:
     from rich.table import Table
 
     console = Console(stderr=False)
+    if report.n_cells == 0 and report.errors:  # nothing could be read: a summary of zeros would only mislead
+        for e in report.errors:
+            console.print(f"[red]error[/]: {e}")
+        return
     table = Table(title=f"corpus {report.corpus}: " + ("[green]valid[/]" if report.ok else "[red]INVALID[/]"))
     table.add_column("")
     table.add_column("min", justify="right")

@@ -129,3 +129,10 @@ def test_cli_exit_code(corpus, capsys):
     (corpus / "shards" / "part-00000.arrow").write_bytes(b"broken")
     assert fm_main(["prep", "validate", str(corpus)]) == 1
     assert "part-00000.arrow" in capsys.readouterr().out
+
+
+def test_cli_on_a_missing_folder_prints_only_the_error(tmp_path, capsys):
+    code = fm_main(["prep", "validate", str(tmp_path / "nowhere")])
+    out = capsys.readouterr()
+    assert code != 0 and "nowhere" in out.out + out.err
+    assert "median" not in out.out  # no empty summary table before the error
