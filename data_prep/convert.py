@@ -51,6 +51,7 @@ from fm.data.schema import (
 )
 from fm.data.vocab import GeneVocab
 from fm.data.writer import shard_name, write_manifest
+from fm.progress import progress_bar
 
 __all__ = ["ConversionError", "FilterConfig", "TargetConfig", "convert", "add_parser"]
 
@@ -99,26 +100,6 @@ class _Lock:
 
     def __exit__(self, *exc):
         self.path.unlink(missing_ok=True)
-
-
-def _progress(enabled: bool):
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    return Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        disable=not enabled,
-    )
 
 
 def _pool(workers: int) -> ProcessPoolExecutor | None:
@@ -274,7 +255,7 @@ def _convert_locked(job: _Job) -> Manifest:
         )
     chunk = job.record_batch_size
     pool = _pool(job.workers)
-    with _progress(job.progress) as bar, pool or contextlib.nullcontext():
+    with progress_bar(job.progress) as bar, pool or contextlib.nullcontext():
         # pass 1: statistics, in blocks of shard_size rows
         tasks, weights, owners = [], [], []
         for k, ds in enumerate(job.datasets):

@@ -79,6 +79,12 @@ class Pretrained:
         with torch.inference_mode():
             return self.encoder({k: v.to(self.device) for k, v in batch.items()})
 
+    def predict(self, adata, **kw):
+        """``fm.predict.predict(self, adata, **kw)``: a copy of ``adata`` with this model's outputs added."""
+        from fm.predict import predict
+
+        return predict(self, adata, **kw)
+
 
 # --- export ----------------------------------------------------------------------------------------------------------
 def read_training_checkpoint(path: Path) -> dict:

@@ -39,6 +39,16 @@ VAR_GAMMA_TRUE = "gamma_true"
 OBSM_EMBEDDING = "X_fm"
 OBSM_SIM_EMBEDDING = "X_sim"
 UNS_FM = "fm"
+# outputs of fm predict (fm/predict.py; docs/RELEASE.md "Predict"): float32 cells x genes aligned to the input's var,
+# NaN at genes outside the vocabulary
+LAYER_VELOCITY_U = "velocity_u"  # predicted du/dt
+LAYER_ALPHA = "fm_alpha"  # predicted per cell-gene transcription rate
+LAYER_BETA = "fm_beta"  # predicted per cell-gene splicing rate
+LAYER_GAMMA = "fm_gamma"  # predicted per cell-gene degradation rate
+LAYER_IMPUTED = {LAYER_SPLICED: "fm_imputed_spliced", LAYER_UNSPLICED: "fm_imputed_unspliced"}  # expression head
+OBSM_FUSION = "X_fm_fusion"  # the encoder's mean fusion token
+VAR_FM_IN_VOCAB = "fm_in_vocab"  # bool: the gene maps onto the model's vocabulary
+VAR_VELOCITY_GENES = "velocity_genes"  # scVelo's genes-with-velocity flag (written only when the input has none)
 
 # --- Batch keys (what the collator yields and the model reads) ---------------------------------------------------
 # Shapes: B cells, G gene tokens per modality (padded).

@@ -5,7 +5,10 @@ gene embedding); one cross-attention pooling reads all encoder states (spliced, 
 masked) and an MLP turns the pooled vector into per-modality parameters. The query genes are the batch's tokens;
 ``prepare`` hides a fraction of them from the encoder (mask False, value 0), so the head learns to predict genes
 it never saw, which is what imputation asks of it. To predict genes absent from a cell's input, append them as
-tokens with ``B_GENE_MASK`` False and ``QUERY_MASK`` True: the encoder ignores them, the decoder queries them.
+tokens with ``B_GENE_MASK`` False and ``QUERY_MASK`` True: the encoder ignores them, the decoder queries them; or pass
+a :class:`GeneQuery` to ``forward`` (any genes, e.g. every gene of a dataset in chunks, as :mod:`fm.predict` does):
+a query gene that is one of the cell's visible tokens adds that token's states, any other gets own-state zero,
+exactly as a hidden token does.
 
 Losses (``loss``):
 - ``nb`` / ``zinb`` on raw counts, as scVI (Lopez et al. 2018): mu = softmax over the cell's query genes of the
@@ -78,6 +81,31 @@ def densify(values_BG: Tensor, col_BG: Tensor, mask_BG: Tensor, n_cols: int) -> 
     return dense_BU.scatter_add_(1, col_BG, torch.where(mask_BG, values_BG, torch.zeros_like(values_BG)))
 
 
+@dataclass
+class GeneQuery:
+    """Genes to predict per cell instead of the batch's tokens (``forward(batch, out, query=...)``).
+
+    ``token_BQ`` locates each query gene's own token in the batch's G tokens (-1 where the gene is not a visible
+    token: then its own state is zero, as for a token hidden from the encoder). ``spliced_BQ`` / ``unspliced_BQ``
+    are the genes' normalised log1p values (0 for a zero count), which ``velocity_param=rates`` reads.
+    """
+
+    gene_ids_BQ: Tensor  # int64 [B, Q], vocabulary index of each query gene
+    token_BQ: Tensor  # int64 [B, Q], position of its token in the batch, -1: not a visible token
+    mask_BQ: Tensor  # bool [B, Q], real queries (False at padding)
+    spliced_BQ: Tensor  # float [B, Q]
+    unspliced_BQ: Tensor  # float [B, Q]
+
+
+def expected_counts(logits_BQ: Tensor, mask_BQ: Tensor, library_B: Tensor) -> Tensor:
+    """NB mean: softmax of the rate logits over a cell's query genes x its library size (scVI's px_scale * library).
+
+    (a finite fill, then zeroing, keeps a cell with no query gene free of NaN in the backward pass)
+    """
+    scale_BQ = torch.softmax(logits_BQ.masked_fill(~mask_BQ, -1e9), dim=1) * mask_BQ
+    return scale_BQ * library_B.to(scale_BQ.dtype)[:, None]
+
+
 class GeneQueryDecoder(nn.Module):
     """Gene-embedding queries (own table) -> cross-attention over encoder states -> MLP -> ``n_out`` per query."""
 
@@ -103,20 +131,35 @@ class GeneQueryDecoder(nn.Module):
             )
         self.gene_queries.weight.copy_(embedding.weight)
 
-    def forward(self, gene_ids_BQ: Tensor, encoder_output) -> tuple[Tensor, Tensor]:
+    def forward(self, gene_ids_BQ: Tensor, encoder_output, token_BQ: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Per-query outputs [B, Q, n_out] and pooled states [B, Q, D].
 
-        The queries are the batch's gene tokens (Q = G, aligned with ``encoder_output.h_spliced``); a query adds the
-        encoder's states of its own token where that token was visible.
+        A query adds the encoder's states of its own token where that token was visible.
+
+        Args:
+            gene_ids_BQ: int64 [B, Q] query genes.
+            token_BQ: int64 [B, Q], the position of each query gene's token among the encoder's G tokens (-1: no
+                visible token, own state zero). None: the queries are the batch's tokens (Q = G, aligned with
+                ``encoder_output.h_spliced``).
         """
         states_BLD, mask_BL = encoder_states(encoder_output)
-        if gene_ids_BQ.shape != encoder_output.gene_mask.shape:
-            raise ValueError(
-                f"GeneQueryDecoder: query genes {tuple(gene_ids_BQ.shape)} must align with the encoder's tokens "
-                f"{tuple(encoder_output.gene_mask.shape)}"
-            )
-        visible_BQ1 = encoder_output.gene_mask[..., None].to(states_BLD.dtype)
-        own_BQD = self.token_proj(torch.cat([encoder_output.h_spliced, encoder_output.h_unspliced], -1) * visible_BQ1)
+        h_BGD = torch.cat([encoder_output.h_spliced, encoder_output.h_unspliced], -1)
+        visible_BG = encoder_output.gene_mask.bool()
+        if token_BQ is None:
+            if gene_ids_BQ.shape != visible_BG.shape:
+                raise ValueError(
+                    f"GeneQueryDecoder: query genes {tuple(gene_ids_BQ.shape)} must align with the encoder's tokens "
+                    f"{tuple(visible_BG.shape)} (or pass token_BQ)"
+                )
+            own_BQD = self.token_proj(h_BGD * visible_BG[..., None].to(h_BGD.dtype))
+        else:
+            if token_BQ.shape != gene_ids_BQ.shape:
+                raise ValueError(f"GeneQueryDecoder: token_BQ {tuple(token_BQ.shape)} != gene_ids_BQ "
+                                 f"{tuple(gene_ids_BQ.shape)}")
+            at_BQ = token_BQ.clamp(min=0)
+            visible_BQ = (token_BQ >= 0) & visible_BG.gather(1, at_BQ)
+            own_BQ2D = h_BGD.gather(1, at_BQ[..., None].expand(-1, -1, h_BGD.shape[-1]))
+            own_BQD = self.token_proj(own_BQ2D * visible_BQ[..., None].to(h_BGD.dtype))
         q_BQD = self.norm_q(self.gene_queries(gene_ids_BQ) + own_BQD)
         pooled_BQD = q_BQD + self.pool(q_BQD, self.norm_kv(states_BLD), mask_BL)
         return self.mlp(pooled_BQD), pooled_BQD
@@ -190,10 +233,20 @@ class ExpressionHead(Head):
             batch[key] = batch[key].masked_fill(hidden_BG, 0.0)
         return batch
 
-    def forward(self, batch: dict, encoder_output) -> dict[str, Tensor]:
-        gene_ids_BQ = batch[keys.B_GENE_IDS]
-        query_BQ = batch.get(QUERY_MASK, batch[keys.B_GENE_MASK]).bool()
-        raw_BQO, _ = self.decoder(gene_ids_BQ, encoder_output)
+    def forward(self, batch: dict, encoder_output, query: GeneQuery | None = None) -> dict[str, Tensor]:
+        """Per query gene: ``{modality}`` (mse: normalised log1p) or ``{modality}_mu``/``_theta`` (/``_zi_logits``).
+
+        ``query``: predict these genes instead of the batch's tokens; then nb/zinb also return ``{modality}_logits``,
+        the rate logits, whose softmax over *all* of a cell's query genes gives ``_mu`` (a caller that queries a
+        cell's genes in chunks, as fm.predict does, takes that softmax itself with :func:`expected_counts`).
+        """
+        if query is None:
+            gene_ids_BQ = batch[keys.B_GENE_IDS]
+            query_BQ = batch.get(QUERY_MASK, batch[keys.B_GENE_MASK]).bool()
+            raw_BQO, _ = self.decoder(gene_ids_BQ, encoder_output)
+        else:
+            gene_ids_BQ, query_BQ = query.gene_ids_BQ, query.mask_BQ.bool()
+            raw_BQO, _ = self.decoder(gene_ids_BQ, encoder_output, query.token_BQ)
         out: dict[str, Tensor] = {"query_mask": query_BQ}
         n = raw_BQO.shape[-1] // 2
         theta_BQ2 = self.log_theta(gene_ids_BQ).exp()
@@ -202,10 +255,9 @@ class ExpressionHead(Head):
             if self.config.loss == "mse":
                 out[name] = raw_BQ  # predicted normalised log1p value
                 continue
-            # rate: softmax over the cell's query genes, scaled by the library size (scVI's px_scale * library)
-            # (a finite fill, then zeroing, keeps a cell with no query gene free of NaN in the backward pass)
-            scale_BQ = torch.softmax(raw_BQ.masked_fill(~query_BQ, -1e9), dim=1) * query_BQ
-            out[f"{name}_mu"] = scale_BQ * batch[LIBRARY[name]].to(scale_BQ.dtype)[:, None]
+            if query is not None:
+                out[f"{name}_logits"] = raw_BQ
+            out[f"{name}_mu"] = expected_counts(raw_BQ, query_BQ, batch[LIBRARY[name]])
             out[f"{name}_theta"] = theta_BQ2[..., m]
             if self.config.loss == "zinb":
                 out[f"{name}_zi_logits"] = raw_BQO[..., m * n + 1]

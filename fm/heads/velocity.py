@@ -38,7 +38,7 @@ from torch import Tensor
 
 from fm import keys
 from fm.heads.base import Head, LossOutput, check_fields
-from fm.heads.expression import GeneQueryDecoder, batch_union, build_config, densify
+from fm.heads.expression import GeneQuery, GeneQueryDecoder, batch_union, build_config, densify
 
 log = logging.getLogger(__name__)
 
@@ -148,12 +148,21 @@ class VelocityHead(Head):
         self.config = c = build_config(VelocityConfig, config)
         self.decoder = GeneQueryDecoder(dim, vocab_size, c.n_heads, 5, c.hidden_mult)
 
-    def forward(self, batch: dict, encoder_output) -> dict[str, Tensor]:
+    def forward(self, batch: dict, encoder_output, query: GeneQuery | None = None) -> dict[str, Tensor]:
+        """Per query gene: velocity (ds/dt), velocity_u (du/dt), alpha, beta, gamma, and the query mask.
+
+        ``query``: predict these genes (with their own u, s values) instead of the batch's tokens (fm.predict).
+        """
         c = self.config
-        raw_BQ5, _ = self.decoder(batch[keys.B_GENE_IDS], encoder_output)
+        if query is None:
+            raw_BQ5, _ = self.decoder(batch[keys.B_GENE_IDS], encoder_output)
+            u_BQ, s_BQ = batch[keys.B_UNSPLICED], batch[keys.B_SPLICED]
+            query_BQ = batch[keys.B_GENE_MASK].bool()
+        else:
+            raw_BQ5, _ = self.decoder(query.gene_ids_BQ, encoder_output, query.token_BQ)
+            u_BQ, s_BQ, query_BQ = query.unspliced_BQ, query.spliced_BQ, query.mask_BQ.bool()
         alpha_BQ, beta_BQ, gamma_BQ = (c.rate_max * torch.sigmoid(raw_BQ5[..., 2:])).unbind(-1)
         if c.velocity_param == "rates":
-            u_BQ, s_BQ = batch[keys.B_UNSPLICED], batch[keys.B_SPLICED]
             velocity_BQ, velocity_u_BQ = beta_BQ * u_BQ - gamma_BQ * s_BQ, alpha_BQ - beta_BQ * u_BQ
         else:
             velocity_BQ, velocity_u_BQ = raw_BQ5[..., 0], raw_BQ5[..., 1]
@@ -163,7 +172,7 @@ class VelocityHead(Head):
             "alpha": alpha_BQ,
             "beta": beta_BQ,
             "gamma": gamma_BQ,
-            "query_mask": batch[keys.B_GENE_MASK].bool(),
+            "query_mask": query_BQ,
         }
 
     def loss(self, batch: dict, outputs: dict[str, Tensor]) -> LossOutput:

@@ -1,0 +1,513 @@
+"""`fm predict`: run released models on a `.h5ad` and add velocity, kinetic rates, imputed expression and embeddings.
+
+    fm predict --checkpoint releases/fm-velocity --checkpoint releases/fm-expression \
+        --input pancreas.h5ad --output pancreas_fm.h5ad --batch-size 256 --device cpu
+    python -c "import anndata, fm; m = fm.load_pretrained('releases/fm-velocity'); \
+print(m.predict(anndata.read_h5ad('sim.h5ad')))"
+
+The input needs raw counts in ``layers['spliced']`` and ``layers['unspliced']`` (dense or sparse). Its genes are
+mapped onto the model's vocabulary as ``fm prep convert`` maps a dataset (data_prep.vocab.map_onto: a stable id
+column such as ``var['gene_id']`` first, then ``var_names`` / a symbol column); unmatched genes are reported and get
+NaN. Cells are streamed in batches (row slices of the CSR, never the whole matrix densified) and tokenised as in
+fine-tuning (the release's ``tokenizer`` settings, library sizes over the cell's in-vocabulary genes, as the
+converter computes them), with two choices that make the output deterministic and independent of the batch:
+``gene_set='cell'`` and, for a cell with more than ``max_genes`` in-vocabulary genes with counts,
+``gene_sampling='top_expressed'``. The encoder sees the cell's genes with counts; the decoders are then queried
+with EVERY in-vocabulary gene of the input (in chunks), a gene that is not one of the cell's visible tokens
+getting own-state zero, exactly as the expression head predicts genes hidden from the encoder (fm.heads.expression).
+
+Outputs (a new AnnData, the input's fields untouched; names in fm.keys; see docs/RELEASE.md "Predict"):
+``layers['velocity']``, ``['velocity_u']``, ``['fm_alpha']``, ``['fm_beta']``, ``['fm_gamma']`` (velocity head),
+``layers['fm_imputed_spliced']``, ``['fm_imputed_unspliced']`` (expression head), ``obsm['X_fm']`` and
+``obsm['X_fm_fusion']`` (the first model's encoder), ``var['fm_in_vocab']``, ``var['velocity_genes']`` (only when
+the input has none), ``uns['fm']`` (checkpoints, settings, what each field holds).
+
+Legend: N cells, V genes of the input (var), M input genes in the vocabulary (the queries, in vocabulary order),
+B cells of a batch, G gene tokens, Q a chunk of the queries, D width.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import tempfile
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from fm import keys
+from fm.progress import progress_bar
+
+if TYPE_CHECKING:
+    import anndata
+    import scipy.sparse as sp
+    import torch
+
+    from fm.checkpoint import Pretrained
+    from fm.data.tokenize import CellBlock, TokenizerConfig
+    from fm.data.vocab import GeneMapping, GeneVocab
+
+log = logging.getLogger(__name__)
+
+QUERY_BUDGET = 1 << 27  # most attention-score elements (cells x queries x heads x keys) of one decoder call
+VELOCITY_LAYERS = {  # velocity head output -> layer
+    "velocity": keys.LAYER_VELOCITY,
+    "velocity_u": keys.LAYER_VELOCITY_U,
+    "alpha": keys.LAYER_ALPHA,
+    "beta": keys.LAYER_BETA,
+    "gamma": keys.LAYER_GAMMA,
+}
+MODALITY_LAYERS = {"spliced": keys.LAYER_SPLICED, "unspliced": keys.LAYER_UNSPLICED}
+LIBRARY_KEYS = {"spliced": keys.B_LIBRARY_SIZE_SPLICED, "unspliced": keys.B_LIBRARY_SIZE_UNSPLICED}
+
+
+# --- input -----------------------------------------------------------------------------------------------------------
+def read_counts(adata: anndata.AnnData, source: str) -> tuple[Any, Any]:
+    """The spliced and unspliced count layers (CSR or dense ndarray), checked: present, shaped, finite, >= 0."""
+    import scipy.sparse as sp
+
+    out = []
+    for name in (keys.LAYER_SPLICED, keys.LAYER_UNSPLICED):
+        if name not in adata.layers:
+            raise ValueError(f"{source}: layers['{name}'] is missing (layers: {sorted(adata.layers)}); fm predict "
+                             f"needs raw spliced and unspliced counts")
+        x = adata.layers[name]
+        x = sp.csr_matrix(x) if sp.issparse(x) else np.asarray(x)
+        if x.shape != adata.shape:
+            raise ValueError(f"{source}: layers['{name}'] has shape {x.shape}, the AnnData is {adata.shape}")
+        values = x.data if sp.issparse(x) else x
+        for bad, what in ((~np.isfinite(values), "non-finite"), (values < 0, "negative")):
+            if bad.any():
+                i = int(np.flatnonzero(bad.ravel())[0])
+                row, col = (int(np.searchsorted(x.indptr, i, side="right") - 1), int(x.indices[i])) \
+                    if sp.issparse(x) else divmod(i, x.shape[1])
+                raise ValueError(f"{source}: layers['{name}'] holds {what} values (e.g. {values.ravel()[i]!r} at cell "
+                                 f"{adata.obs_names[row]!r}, gene {adata.var_names[col]!r}); it must hold raw counts")
+        out.append(x)
+    return out[0], out[1]
+
+
+@dataclass
+class GeneMap:
+    """The input's genes on the vocabulary: the in-vocabulary columns in vocabulary order, and the report."""
+
+    columns_M: np.ndarray  # int64, input var columns of the matched genes, by increasing vocabulary index
+    vocab_ids_M: np.ndarray  # int64, their vocabulary indices (increasing)
+    in_vocab_V: np.ndarray  # bool
+    mapping: GeneMapping
+    field: str  # where the names came from, e.g. "var['gene_id']"
+
+
+def map_input_genes(adata: anndata.AnnData, vocab: GeneVocab, source: str) -> GeneMap:
+    """Map the input's genes as the converter does: the first stable-id column, then symbols / var_names."""
+    from data_prep.sources import GENE_ID_COLUMNS, GENE_SYMBOL_COLUMNS
+    from data_prep.vocab import map_onto
+
+    var = adata.var
+    id_col = next((c for c in GENE_ID_COLUMNS if c in var.columns), None)
+    sym_col = next((c for c in GENE_SYMBOL_COLUMNS if c in var.columns), None)
+    ids = [str(g) for g in var[id_col]] if id_col else None
+    symbols = [str(g) for g in (var[sym_col] if sym_col else var.index)]
+    field_name = f"var[{id_col!r}]" if id_col else (f"var[{sym_col!r}]" if sym_col else "var_names")
+    index_V, mapping = map_onto(vocab, ids, symbols)
+    if mapping.n_matched == 0:
+        raise ValueError(f"{source}: no gene in common with the vocabulary ({len(vocab)} genes, e.g. "
+                         f"{', '.join(vocab.gene_ids[:3])}); genes read from {field_name}, e.g. "
+                         f"{', '.join((ids or symbols)[:3])}")
+    columns = np.flatnonzero(index_V >= 0)
+    columns = columns[np.argsort(index_V[columns], kind="stable")]
+    return GeneMap(columns, index_V[columns], index_V >= 0, mapping, field_name)
+
+
+def cell_block(s, u, a: int, b: int, genes: GeneMap, cell_ids: Sequence[str], size_factor: np.ndarray | None
+               ) -> CellBlock:
+    """Cells ``a:b`` as a CellBlock over their in-vocabulary genes with s + u > 0 (the corpus layout)."""
+    import scipy.sparse as sp
+
+    from fm.data.tokenize import CellBlock
+
+    def rows(x) -> sp.csr_matrix:
+        return sp.csr_matrix(x[a:b], dtype=np.float64)[:, genes.columns_M]
+
+    # counts are >= 0, so s + i*u is 0 exactly where s + u = 0 (as data_prep.shard_tasks stores genes)
+    c = sp.csr_matrix(rows(s) + 1j * rows(u))
+    c.sum_duplicates()
+    c.eliminate_zeros()
+    c.sort_indices()
+    n = b - a
+    cell_of_N = np.repeat(np.arange(n), np.diff(c.indptr))
+    nan_B = np.full(n, np.nan, np.float32)
+    return CellBlock(
+        offsets_B1=c.indptr.astype(np.int64),
+        gene_index_N=genes.vocab_ids_M[c.indices].astype(np.int32),
+        spliced_N=c.data.real.astype(np.float32),
+        unspliced_N=c.data.imag.astype(np.float32),
+        velocity_N=None,
+        velocity_u_N=None,
+        library_size_spliced_B=np.bincount(cell_of_N, c.data.real, n).astype(np.float32),
+        library_size_unspliced_B=np.bincount(cell_of_N, c.data.imag, n).astype(np.float32),
+        size_factor_B=nan_B if size_factor is None else size_factor[a:b].astype(np.float32),
+        time_B=nan_B,
+        cell_id=list(cell_ids[a:b]),
+        dataset_id=["input"] * n,
+        cell_type=[None] * n,
+    )
+
+
+def tokenizer_for(model: Pretrained, max_genes: int | None) -> TokenizerConfig:
+    """The release's tokenizer settings, made deterministic and per cell (gene_set=cell, top_expressed)."""
+    from fm.data.tokenize import TokenizerConfig
+
+    recorded = model.config.get("tokenizer")
+    if not recorded:
+        log.warning("%s: config.json records no tokenizer settings; using fm's defaults", model.path)
+    cfg = TokenizerConfig(**(recorded or {}))
+    if cfg.gene_set != "cell":
+        log.warning("%s: trained with gene_set=%r; predicting with gene_set='cell' (each cell its own genes, "
+                    "as fine-tuning does, and independent of the batch)", model.path, cfg.gene_set)
+    return replace(cfg, gene_set="cell", gene_sampling="top_expressed",
+                   max_genes=cfg.max_genes if max_genes is None else max_genes)
+
+
+# --- what each model writes ------------------------------------------------------------------------------------------
+@dataclass
+class _Plan:
+    model: Pretrained
+    tokenizer: TokenizerConfig
+    layers: dict[str, str] = field(default_factory=dict)  # head output -> layer
+
+
+def _plans(models: list[Pretrained], max_genes: int | None) -> list[_Plan]:
+    plans, owner = [], {}
+    for i, model in enumerate(models):
+        plan = _Plan(model, tokenizer_for(model, max_genes))
+        head = model.head_name
+        if head == "velocity":
+            plan.layers = dict(VELOCITY_LAYERS)
+        elif head == "expression":
+            plan.layers = {name: keys.LAYER_IMPUTED[layer] for name, layer in MODALITY_LAYERS.items()}
+        elif head == "generative":
+            log.warning("%s: a generative head; fm predict writes no layer for it%s", model.path,
+                        " (the embedding only)" if i == 0 else " (nothing)")
+        elif i > 0:
+            log.warning("%s: no head and not the first model; it contributes nothing", model.path)
+        for layer in plan.layers.values():
+            if layer in owner:
+                raise ValueError(f"{model.path} and {owner[layer]} both write layers['{layer}']; pass one of them")
+            owner[layer] = model.path
+        plans.append(plan)
+    return plans
+
+
+def _layer_docs(plans: list[_Plan]) -> dict[str, str]:
+    docs = {}
+    for plan in plans:
+        if plan.model.head_name == "velocity":
+            how = plan.model.head.config.velocity_param
+            docs.update({
+                keys.LAYER_VELOCITY: f"ds/dt, normalised log1p spliced units per unit time (velocity_param={how})",
+                keys.LAYER_VELOCITY_U: f"du/dt, normalised log1p unspliced units per unit time (velocity_param={how})",
+                keys.LAYER_ALPHA: "transcription rate alpha per cell and gene (model units, in (0, rate_max))",
+                keys.LAYER_BETA: "splicing rate beta per cell and gene (model units, in (0, rate_max))",
+                keys.LAYER_GAMMA: "degradation rate gamma per cell and gene (model units, in (0, rate_max))",
+            })
+        elif plan.model.head_name == "expression":
+            loss = plan.model.head.config.loss
+            for name, layer in MODALITY_LAYERS.items():
+                docs[keys.LAYER_IMPUTED[layer]] = (
+                    f"predicted normalised log1p {name} value (loss=mse; log1p(counts / library * target_sum))"
+                    if loss == "mse" else
+                    f"expected {name} counts: the NB mean (loss={loss}; zero inflation not applied) at the cell's "
+                    f"{name} library size, softmax over all of the input's in-vocabulary genes")
+    return docs
+
+
+def _check_free(adata: anndata.AnnData, plans: list[_Plan], source: str, overwrite: bool) -> None:
+    wanted = [("layers", layer) for plan in plans for layer in plan.layers.values()]
+    wanted += [("obsm", keys.OBSM_EMBEDDING), ("obsm", keys.OBSM_FUSION), ("var", keys.VAR_FM_IN_VOCAB),
+               ("uns", keys.UNS_FM)]
+    taken = [f"{where}['{name}']" for where, name in wanted
+             if name in (adata.var.columns if where == "var" else getattr(adata, where))]
+    if taken and not overwrite:
+        raise ValueError(f"{source}: already holds {', '.join(taken)} (an earlier fm predict?); pass overwrite=True "
+                         "(--overwrite) to replace them")
+
+
+# --- the model on a batch --------------------------------------------------------------------------------------------
+def query_tokens(ids_BG: torch.Tensor, mask_BG: torch.Tensor, query_Q: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Position of each query gene's token among a batch's sorted tokens, -1 where the cell has no such token."""
+    import torch
+
+    sorted_BG = torch.where(mask_BG, ids_BG, torch.full_like(ids_BG, vocab_size))  # padding sorts last
+    query_BQ = query_Q[None, :].expand(ids_BG.shape[0], -1).contiguous()
+    pos_BQ = torch.searchsorted(sorted_BG, query_BQ).clamp_(max=ids_BG.shape[1] - 1)
+    hit_BQ = sorted_BG.gather(1, pos_BQ) == query_BQ
+    return torch.where(hit_BQ, pos_BQ, torch.full_like(pos_BQ, -1))
+
+
+def dense_values(block: CellBlock, cfg: TokenizerConfig, vocab_to_m: np.ndarray, M: int) -> dict[str, np.ndarray]:
+    """Normalised log1p spliced / unspliced values [B, M] of every in-vocabulary gene (0 for a zero count).
+
+    Tokenised with the same code and settings as the encoder's input, keeping every stored gene, so a gene the
+    encoder does not see (beyond max_genes) still gets its value.
+    """
+    from fm.data.tokenize import tokenize_block
+
+    longest = int(np.diff(block.offsets_B1).max(initial=1))
+    full = tokenize_block(block, replace(cfg, max_genes=max(longest, 1)), np.random.default_rng(0), targets=())
+    mask_BG = full[keys.B_GENE_MASK].numpy()
+    rows, cols = np.nonzero(mask_BG)
+    m = vocab_to_m[full[keys.B_GENE_IDS].numpy()[rows, cols]]
+    out = {}
+    for key in (keys.B_SPLICED, keys.B_UNSPLICED):
+        dense_BM = np.zeros((len(block), M), np.float32)
+        dense_BM[rows, m] = full[key].numpy()[rows, cols]
+        out[key] = dense_BM
+    return out
+
+
+def _query_chunk(B: int, L: int, n_heads: int, D: int) -> int:
+    return max(1, QUERY_BUDGET // max(1, B * (n_heads * L + 4 * D)))
+
+
+def _run_head(plan: _Plan, tensors: dict, enc, block: CellBlock, genes: GeneMap, vocab_to_m: np.ndarray,
+              out: dict[str, np.ndarray], a: int, b: int) -> None:
+    """Query every in-vocabulary gene of cells a:b in chunks; write the head's outputs into ``out``'s layers."""
+    import torch
+
+    from fm.heads.expression import GeneQuery, expected_counts
+
+    head, dev = plan.model.head, enc.z_global.device
+    M = len(genes.vocab_ids_M)
+    values = {k: torch.from_numpy(v).to(dev) for k, v in dense_values(block, plan.tokenizer, vocab_to_m, M).items()}
+    query_M = torch.from_numpy(genes.vocab_ids_M).to(dev)
+    ids_BG, mask_BG = tensors[keys.B_GENE_IDS], tensors[keys.B_GENE_MASK].bool()
+    B, G = ids_BG.shape
+    D = enc.z_global.shape[-1]
+    step = _query_chunk(B, 2 * G + enc.h_fusion.shape[1], head.config.n_heads, D)
+    expression = plan.model.head_name == "expression" and head.config.loss != "mse"
+    logits = {name: np.empty((B, M), np.float32) for name in MODALITY_LAYERS} if expression else {}
+    for j0 in range(0, M, step):
+        j1 = min(j0 + step, M)
+        q_Q = query_M[j0:j1]
+        query = GeneQuery(
+            gene_ids_BQ=q_Q[None, :].expand(B, -1),
+            token_BQ=query_tokens(ids_BG, mask_BG, q_Q, plan.model.encoder.cfg.vocab_size),
+            mask_BQ=torch.ones(B, j1 - j0, dtype=torch.bool, device=dev),
+            spliced_BQ=values[keys.B_SPLICED][:, j0:j1],
+            unspliced_BQ=values[keys.B_UNSPLICED][:, j0:j1],
+        )
+        pred = head(tensors, enc, query=query)
+        cols = genes.columns_M[j0:j1]
+        if expression:
+            for name in MODALITY_LAYERS:
+                logits[name][:, j0:j1] = pred[f"{name}_logits"].float().cpu().numpy()
+            continue
+        for name, layer in plan.layers.items():
+            out[layer][a:b, cols] = pred[name].float().cpu().numpy()
+    for name, logits_BM in logits.items():  # softmax over all of the cell's queried genes
+        mu_BM = expected_counts(torch.from_numpy(logits_BM), torch.ones(B, M, dtype=torch.bool),
+                                tensors[LIBRARY_KEYS[name]].float().cpu())
+        out[plan.layers[name]][a:b, genes.columns_M] = mu_BM.numpy()
+
+
+def _h5ad_safe(value):
+    """uns values h5ad can write: None -> 'none', tuples -> lists, nested dicts converted."""
+    if isinstance(value, dict):
+        return {str(k): _h5ad_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_h5ad_safe(v) for v in value]
+    return "none" if value is None else value
+
+
+# --- predict ---------------------------------------------------------------------------------------------------------
+def predict(models: Pretrained | Sequence[Pretrained], adata: anndata.AnnData, *, batch_size: int = 256,
+            device: str | torch.device | None = None, max_genes: int | None = None, progress: bool = True,
+            overwrite: bool = False, source: str | None = None) -> anndata.AnnData:
+    """Run one or more releases on an AnnData; return a copy with their outputs added (the input is not changed).
+
+    Args:
+        models: a :class:`fm.checkpoint.Pretrained` or several (e.g. a velocity and an expression release of one
+            vocabulary); each writes its head's layers, the first also the embedding.
+        adata: raw counts in ``layers['spliced']`` and ``layers['unspliced']`` (dense or sparse).
+        batch_size: cells per forward pass.
+        device: where the models run (they are moved there); None: where they are.
+        max_genes: gene tokens per cell shown to the encoder (default: the release's tokenizer setting); a cell with
+            more in-vocabulary genes with counts shows its top-expressed ones. Every gene is still predicted.
+        progress: a rich progress bar over the cells.
+        overwrite: replace outputs (layers, obsm, var, uns['fm']) the input already holds; else an error.
+        source: how messages name the input (default "the AnnData").
+    Returns:
+        A new AnnData: the input's fields plus the outputs listed in the module docstring, their meaning and units in
+        ``uns['fm']``.
+    """
+    import torch
+
+    from fm import __version__
+    from fm.checkpoint import Pretrained
+    from fm.data.tokenize import tokenize_block
+
+    models = [models] if isinstance(models, Pretrained) else list(models)
+    source = source or "the AnnData"
+    if not models or not all(isinstance(m, Pretrained) for m in models):
+        raise TypeError("predict: models must be a Pretrained (fm.load_pretrained) or a non-empty list of them")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"predict: batch_size must be an int >= 1, got {batch_size!r}")
+    vocab = models[0].vocab
+    for m in models[1:]:
+        if m.vocab.hash != vocab.hash:
+            raise ValueError(f"{m.path}: another vocabulary than {models[0].path} (hash {m.vocab.hash[:12]}... vs "
+                             f"{vocab.hash[:12]}...); predict with each separately")
+    N, V = adata.shape
+    if N == 0:
+        raise ValueError(f"{source}: no cells")
+    s, u = read_counts(adata, source)
+    genes = map_input_genes(adata, vocab, source)
+    log.info("%s: %s (genes read from %s)", source, genes.mapping.summary(), genes.field)
+    plans = _plans(models, max_genes)
+    _check_free(adata, plans, source, overwrite)
+    size_factor = None
+    if any(p.tokenizer.normalization == "size_factor" for p in plans):
+        if keys.SIZE_FACTOR not in adata.obs:
+            raise ValueError(f"{source}: obs['{keys.SIZE_FACTOR}'] is missing; the release normalises by size factors")
+        size_factor = np.asarray(adata.obs[keys.SIZE_FACTOR], dtype=np.float32)
+    if device is not None:
+        for m in models:
+            m.to(device)
+    for m in models:
+        m.encoder.eval()
+        if m.head is not None:
+            m.head.eval()
+
+    M = len(genes.vocab_ids_M)
+    vocab_to_m = np.full(len(vocab), -1, np.int64)
+    vocab_to_m[genes.vocab_ids_M] = np.arange(M)
+    layers = {layer: np.full((N, V), np.nan, np.float32) for p in plans for layer in p.layers.values()}
+    embedding, fusion = None, None
+    cell_ids = [str(c) for c in adata.obs_names]
+    n_empty = n_truncated = 0
+    rng = np.random.default_rng(0)  # unused: top_expressed sampling draws nothing
+    with progress_bar(progress) as bar, torch.inference_mode():
+        task = bar.add_task("fm predict", total=N)
+        for a in range(0, N, batch_size):
+            b = min(a + batch_size, N)
+            block = cell_block(s, u, a, b, genes, cell_ids, size_factor)
+            lens_B = np.diff(block.offsets_B1)
+            n_empty += int((lens_B == 0).sum())
+            n_truncated += int((lens_B > plans[0].tokenizer.max_genes).sum())
+            for i, plan in enumerate(plans):
+                if i > 0 and not plan.layers:
+                    continue
+                dev = plan.model.device
+                batch = tokenize_block(block, plan.tokenizer, rng, targets=())
+                tensors = {k: v.to(dev) for k, v in batch.items() if torch.is_tensor(v)}
+                enc = plan.model.encoder(tensors)
+                if i == 0:
+                    if embedding is None:
+                        embedding = np.empty((N, enc.z_global.shape[-1]), np.float32)
+                        fusion = np.empty((N, enc.z_fusion.shape[-1]), np.float32)
+                    embedding[a:b] = enc.z_global.float().cpu().numpy()
+                    fusion[a:b] = enc.z_fusion.float().cpu().numpy()
+                if plan.layers:
+                    _run_head(plan, tensors, enc, block, genes, vocab_to_m, layers, a, b)
+            bar.advance(task, b - a)
+    if n_empty:
+        log.warning("%s: %d of %d cells have no count in any vocabulary gene; their outputs come from the fusion "
+                    "tokens alone", source, n_empty, N)
+    if n_truncated:
+        log.info("%s: %d cells have more than max_genes=%d in-vocabulary genes with counts; the encoder sees their "
+                 "top-expressed ones (every gene is still predicted)", source, n_truncated,
+                 plans[0].tokenizer.max_genes)
+
+    out = adata.copy()
+    for layer, values in layers.items():
+        out.layers[layer] = values
+    out.obsm[keys.OBSM_EMBEDDING] = embedding
+    out.obsm[keys.OBSM_FUSION] = fusion
+    out.var[keys.VAR_FM_IN_VOCAB] = genes.in_vocab_V
+    wrote_velocity_genes = keys.LAYER_VELOCITY in layers and keys.VAR_VELOCITY_GENES not in adata.var.columns
+    if wrote_velocity_genes:
+        out.var[keys.VAR_VELOCITY_GENES] = genes.in_vocab_V
+    mapping = genes.mapping
+    out.uns[keys.UNS_FM] = _h5ad_safe({
+        "fm_version": __version__,
+        "checkpoints": [str(p.model.path) for p in plans],
+        "heads": [p.model.head_name or "none" for p in plans],
+        "vocab_hash": vocab.hash,
+        "models": {str(i): {"checkpoint": str(p.model.path), "head": p.model.head_name,
+                            "head_config": (p.model.config.get("head") or {}).get("config"),
+                            "tokenizer": asdict(p.tokenizer)} for i, p in enumerate(plans)},
+        "genes": {"field": genes.field, "n_input": V, "n_matched": mapping.n_matched, "n_by_id": mapping.n_by_id,
+                  "n_by_symbol": mapping.n_by_symbol, "unmatched_examples": mapping.unmatched[:20]},
+        "gene_selection": "gene_set=cell; a cell with more than max_genes in-vocabulary genes with counts shows the "
+                          "encoder its top-expressed (s + u) max_genes; every in-vocabulary gene is predicted, one "
+                          "the encoder did not see with own-state zero",
+        "n_cells_truncated": n_truncated,
+        "n_cells_without_counts": n_empty,
+        "layers": _layer_docs(plans),
+        "obsm": {keys.OBSM_EMBEDDING: "the first model's encoder z_global (cell summary)",
+                 keys.OBSM_FUSION: "the first model's encoder z_fusion (mean fusion token)"},
+        "var": {keys.VAR_FM_IN_VOCAB: "the gene maps onto the vocabulary (outputs are NaN elsewhere)",
+                **({keys.VAR_VELOCITY_GENES: "= fm_in_vocab (written because the input had none)"}
+                   if wrote_velocity_genes else {})},
+    })
+    return out
+
+
+# --- command line ----------------------------------------------------------------------------------------------------
+def write_h5ad_atomic(adata: anndata.AnnData, path: Path) -> None:
+    """Write under a temporary name in the same folder, then rename: a failure leaves no half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp.h5ad", dir=path.parent)
+    os.close(fd)
+    try:
+        adata.write_h5ad(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def run(args: argparse.Namespace) -> int:
+    import anndata
+
+    from fm.checkpoint import load_pretrained
+
+    inp, out = Path(args.input), Path(args.output)
+    if not inp.is_file():
+        raise FileNotFoundError(f"{inp}: no such input file")
+    if out.resolve() == inp.resolve():
+        raise ValueError(f"{out}: is the input; will not overwrite the input (choose another --output)")
+    if out.exists() and not args.overwrite:
+        raise ValueError(f"{out}: exists; pass --overwrite to replace it")
+    models = [load_pretrained(c, device=args.device or "cpu") for c in args.checkpoint]
+    result = predict(models, anndata.read_h5ad(inp), batch_size=args.batch_size, max_genes=args.max_genes,
+                     overwrite=args.overwrite, source=str(inp))
+    write_h5ad_atomic(result, out)
+    g = result.uns[keys.UNS_FM]["genes"]
+    written = [f"layers['{k}']" for k in result.uns[keys.UNS_FM]["layers"]] + [f"obsm['{keys.OBSM_EMBEDDING}']"]
+    print(f"fm predict: wrote {out} ({result.n_obs} cells; {g['n_matched']}/{g['n_input']} genes in the vocabulary, "
+          f"read from {g['field']}, the others NaN): {', '.join(written)}")
+    return 0
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "predict", help="run released models on a .h5ad: velocity, rates, imputed expression, embeddings",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--checkpoint", action="append", required=True, metavar="DIR",
+                   help="a release folder (fm export) or Hub id; repeat for several (the first gives the embedding)")
+    p.add_argument("--input", required=True, metavar="H5AD", help="raw counts in layers spliced and unspliced")
+    p.add_argument("--output", required=True, metavar="H5AD", help="where to write (never the input)")
+    p.add_argument("--batch-size", type=int, default=256, help="cells per forward pass (default 256)")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 (default cpu)")
+    p.add_argument("--max-genes", type=int, help="gene tokens per cell (default: the release's setting)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing output file, and fm outputs the input already holds")
+    p.set_defaults(func=run)
+    return p
