@@ -7,6 +7,10 @@
     fm pretrain data.corpus=corpus/ trainer.max_steps=50        # Hydra overrides pass through (-m: a sweep)
     fm finetune head=velocity checkpoint=runs/pretrain/x/checkpoints/last.ckpt data.corpus=corpus/
     fm export runs/finetune/x/checkpoints/last.ckpt --out releases/fm-velocity   # a release folder
+    fm predict --checkpoint releases/fm-velocity --input my.h5ad --output my_fm.h5ad   # velocity, X_fm, imputation
+    fm evaluate my_fm.h5ad --transitions "Ductal>Ngn3 low EP"     # a table on screen, JSON on disk
+    fm plot velocity my_fm.h5ad --out velocity.png                 # stream lines on X_umap (or a PCA)
+    fm plot loss runs/pretrain/x runs/finetune/y --out loss.png
 
 Each subcommand lives in the module that does the work and registers itself through ``add_parser``; heavy imports
 (torch, anndata) happen inside the command, so `fm --help` stays fast.
@@ -21,7 +25,7 @@ import sys
 
 def build_parser() -> argparse.ArgumentParser:
     from data_prep import convert, simulate, validate
-    from fm import __version__, checkpoint, demo
+    from fm import __version__, checkpoint, demo, evaluate, plot, predict
 
     parser = argparse.ArgumentParser(prog="fm", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"fm {__version__}")
@@ -49,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     finetune.set_defaults(func=_finetune)
 
     checkpoint.add_parser(commands)
+    plot.add_parser(commands)
+    predict.add_parser(commands)
+    evaluate.add_parser(commands)
     return parser
 
 

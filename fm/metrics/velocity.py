@@ -23,6 +23,11 @@ VeloAE benchmark; the same code ships with UniTVelo, ``unitvelo/eval_utils.py``)
 - ``project_velocity``: scVelo-style projection of gene-space velocity onto an embedding (transition probabilities
   from the cosine between v_c and x_n - x_c over the kNN, then the expected unit displacement in the embedding minus
   its uniform-transition mean).
+- ``velocity_graph`` -> ``transition_matrix`` -> ``embed_velocity``: the same projection as scVelo computes it
+  (``tl.velocity_graph``, ``tl.transition_matrix``, ``tl.velocity_embedding`` with their defaults): cosine
+  *correlations* (both vectors centred over genes) over the recursive kNN (neighbours of neighbours), transition
+  weights sign(cos)(exp(10|cos|) - 1) with self-transitions for cells with no good neighbour, and the expected unit
+  displacement minus the uniform one. ``project_velocity`` is the simplified form CBDir has used so far.
 
 Baseline: ``steady_state_velocity`` (v = u - gamma * s with gamma fitted per gene by least squares through the origin
 on the cells in the upper extreme quantile of s/max(s) + u/max(u), as scVelo's deterministic/steady-state model does
@@ -276,4 +281,118 @@ def project_velocity(
         d = e[nb] - e[c]
         d /= np.maximum(np.linalg.norm(d, axis=1, keepdims=True), _EPS)
         out[c] = t @ d - d.mean(0)
+    return out
+
+
+# --- scVelo's velocity graph, transition matrix and embedded velocity (Bergen et al. 2020, scvelo.tl) ------------
+def recursive_neighbours(neighbours_NK: np.ndarray, c: int, n_recurse: int = 2) -> np.ndarray:
+    """Cell ``c``'s neighbours, their neighbours, ... (``n_recurse`` levels), sorted, without ``c`` itself."""
+    idx = np.asarray([c])
+    for _ in range(n_recurse):
+        idx = np.union1d(idx, neighbours_NK[idx].ravel())
+    return idx[idx != c]
+
+
+def velocity_graph(x_NG: np.ndarray, v_NG: np.ndarray, neighbours_NK: np.ndarray, n_recurse: int = 2):
+    """scVelo's ``tl.velocity_graph``: the cosine correlation of v_c with x_n - x_c for n in c's recursive kNN.
+
+    Both vectors are centred over genes before the cosine (scVelo's ``cosine_correlation``), so a shift common to
+    every gene carries no direction. A cell whose velocity is zero everywhere gets zeros.
+
+    Args:
+        x_NG: expression the displacements are taken in (scVelo: ``layers['Ms']``, kNN-smoothed normalised spliced).
+        v_NG: velocity on the same genes (finite).
+        neighbours_NK: kNN indices (:func:`knn_indices`); the cell itself, if listed, is skipped.
+        n_recurse: levels of neighbours of neighbours (scVelo's default 2).
+
+    Returns:
+        scipy.sparse CSR [N, N] of correlations in [-1, 1].
+    """
+    import scipy.sparse as sp
+
+    x = np.asarray(x_NG, dtype=np.float64)
+    v = np.asarray(v_NG, dtype=np.float64)
+    if x.shape != v.shape or x.ndim != 2:
+        raise ValueError(f"velocity_graph: x and v must be cells x genes of equal shape, got {x.shape}, {v.shape}")
+    if not np.isfinite(v).all():
+        raise ValueError("velocity_graph: v holds NaN or inf entries (keep only genes with a finite velocity)")
+    v = v - v.mean(1, keepdims=True)
+    n = x.shape[0]
+    rows, cols, vals = [], [], []
+    for c in range(n):
+        nb = recursive_neighbours(neighbours_NK, c, n_recurse)
+        d = x[nb] - x[c]
+        d -= d.mean(1, keepdims=True)
+        den = np.linalg.norm(d, axis=1) * np.linalg.norm(v[c])
+        cos = np.where(den > _EPS, d @ v[c] / np.maximum(den, _EPS), 0.0)
+        rows.append(np.full(nb.size, c))
+        cols.append(nb)
+        vals.append(cos)
+    return sp.csr_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))), shape=(n, n))
+
+
+def _offdiagonal(matrix_NN) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """(rows, cols, values, N) of a square sparse matrix's stored entries off the diagonal."""
+    import scipy.sparse as sp
+
+    coo = sp.coo_matrix(matrix_NN)
+    keep = coo.row != coo.col
+    return coo.row[keep], coo.col[keep], np.asarray(coo.data[keep], dtype=np.float64), coo.shape[0]
+
+
+def transition_matrix(graph_NN, scale: float = 10.0, self_transitions: bool = True,
+                      use_negative_cosines: bool = True):
+    """scVelo's ``tl.transition_matrix`` (no diffusion kernel): T[c, n] from the velocity graph's correlations.
+
+    T[c, n] ∝ sign(cos) * (exp(scale |cos|) - 1) (with ``use_negative_cosines``, scVelo's default in
+    ``velocity_embedding``: a neighbour against the velocity pushes the other way; without, it gets weight 0), rows
+    normalised by the sum of |T|. With ``self_transitions`` a cell whose best correlation is low keeps some
+    probability on itself: T[c, c] from clip(q98 - max_n cos, 0, 1), q98 the 98th percentile over cells of that
+    maximum (the diagonal of ``graph_NN`` is ignored).
+
+    Returns:
+        scipy.sparse CSR [N, N].
+    """
+    import scipy.sparse as sp
+
+    rows, cols, cos, n = _offdiagonal(graph_NN)
+    if use_negative_cosines:
+        w = np.sign(cos) * np.expm1(scale * np.abs(cos))
+    else:
+        w = np.expm1(scale * np.clip(cos, 0.0, None))
+    if self_transitions:
+        confidence_N = np.zeros(n)  # best positive correlation
+        np.maximum.at(confidence_N, rows, cos)
+        self_prob_N = np.clip(np.percentile(confidence_N, 98) - confidence_N, 0.0, 1.0)
+        rows, cols = np.concatenate([rows, np.arange(n)]), np.concatenate([cols, np.arange(n)])
+        w = np.concatenate([w, np.expm1(scale * self_prob_N)])
+    norm_N = np.bincount(rows, weights=np.abs(w), minlength=n)
+    w = np.where(norm_N[rows] > 0, w / np.maximum(norm_N[rows], _EPS), 0.0)
+    t = sp.csr_matrix((w, (rows, cols)), shape=(n, n))
+    t.eliminate_zeros()
+    return t
+
+
+def embed_velocity(emb_NE: np.ndarray, transitions_NN) -> np.ndarray:
+    """scVelo's ``tl.velocity_embedding``: the expected unit displacement in the embedding minus the uniform one.
+
+    v_emb_c = sum_n T[c, n] u_cn - mean_n(T[c, n]) sum_n u_cn over the neighbours n != c with T[c, n] != 0,
+    u_cn = (e_n - e_c) / |e_n - e_c| (0 where two cells coincide). Returns [N, E], in units of the embedding's
+    directions (scale it for display).
+    """
+    e = np.asarray(emb_NE, dtype=np.float64)
+    rows, cols, p, _ = _offdiagonal(transitions_NN)
+    nonzero = p != 0
+    rows, cols, p = rows[nonzero], cols[nonzero], p[nonzero]
+    d = e[cols] - e[rows]
+    norm = np.linalg.norm(d, axis=1, keepdims=True)
+    d = np.where(norm > _EPS, d / np.maximum(norm, _EPS), 0.0)
+    n = e.shape[0]
+    count_N = np.bincount(rows, minlength=n)
+    mean_p_N = np.bincount(rows, weights=p, minlength=n) / np.maximum(count_N, 1)
+    out = np.zeros_like(e)
+    for j in range(e.shape[1]):
+        out[:, j] = np.bincount(rows, weights=p * d[:, j], minlength=n) - mean_p_N * np.bincount(
+            rows, weights=d[:, j], minlength=n
+        )
     return out
