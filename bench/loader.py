@@ -1,11 +1,14 @@
 """Loader throughput: cells/s from a corpus to collated batches, against anndata (backed) and HF ``datasets``.
 
 Writes a synthetic corpus (fm.data.writer) and the same cells as an ``.h5ad`` (layers spliced/unspliced, CSR), then
-times, in one run: ShardedDataLoader with 1 and 2 workers; random batches read from the ``.h5ad`` in backed mode
-(h5py-backed CSR rows); and iterating the same shard files with ``datasets``. All three end in the same
-tokenize_block, so the difference is the reading. Appends a row to docs/BENCHMARKS.md (``## Loader``).
+times, in one run: ShardedDataLoader in-process and with 1 and 2 workers; random batches read from the ``.h5ad`` in
+backed mode (h5py-backed CSR rows); and iterating the same shard files with ``datasets``. All three end in the same
+tokenize_block, so the difference is the reading. Rates are given per wall second and per CPU-second of the
+processes doing the work (workers: their summed CPU time, from getrusage of the joined children; main: the trainer's
+share), so a busy machine distorts them less. Also a per-stage breakdown of the in-process path. Appends a run block
+to docs/BENCHMARKS.md (``## Loader``).
 
-    python -m bench.loader --cells 6000 --nnz 2000          # ~1 min on 2 CPUs; --no-write to skip BENCHMARKS.md
+    python -m bench.loader --cells 6000 --nnz 2000          # ~2 min on 2 CPUs; --no-write to skip BENCHMARKS.md
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import datetime as dt
 import logging
 import os
 import platform
+import resource
 import time
 from pathlib import Path
 
@@ -24,6 +28,7 @@ import torch
 
 from bench.report import record
 from fm import keys
+from fm.data import stream
 from fm.data.schema import DatasetInfo, load_manifest
 from fm.data.shards import UnitIndex
 from fm.data.stream import ShardedArrowDataset, ShardedDataLoader
@@ -32,17 +37,11 @@ from fm.data.vocab import GeneVocab
 from fm.data.writer import shard_name, write_manifest, write_shard
 
 log = logging.getLogger("bench.loader")
-COLUMNS = ["date", "machine", "data", "fm in-process", "fm per CPU-s", "fm 1 worker", "fm 2 workers", "anndata backed",
-           "anndata per CPU-s", "datasets", "fm/anndata (CPU-s)", "padding"]
-INTRO = f"""\
-`python -m bench.loader`: cells/s from corpus to collated batch (fm: ShardedDataLoader in-process and with 1 or 2
-workers; anndata: random batches of backed `.h5ad` rows; datasets: `load_dataset("arrow")` over the same shards,
-shuffled), all through the same tokenize_block. "per CPU-s": cells per CPU-second of the one process doing all the
-work, which the machine's load does not distort; fm/anndata compares those. Padding: share of padded token slots,
-without / with length bucketing.
-
-| {" | ".join(COLUMNS)} |
-{"|---" * len(COLUMNS)}|"""
+COLUMNS = ["workers", "cells/s (wall)", "cells per worker CPU-s", "cells per main CPU-s", "main ms/batch"]
+INTRO = """\
+`python -m bench.loader`: cells/s from corpus to collated batch (fm: ShardedDataLoader; anndata: random batches of
+backed `.h5ad` rows; datasets: `load_dataset("arrow")` over the same shards, shuffled), all through the same
+tokenize_block. Each run is a block: rates per wall second and per CPU-second of the processes doing the work."""
 
 
 def make_data(out: Path, n_cells: int, n_genes: int, nnz: int, cells_per_shard: int = 2000, rb: int = 256):
@@ -50,6 +49,7 @@ def make_data(out: Path, n_cells: int, n_genes: int, nnz: int, cells_per_shard: 
     import anndata as ad
     import scipy.sparse as sp
 
+    out = out / f"c{n_cells}-g{n_genes}-nnz{nnz}"
     corpus, h5ad = out / "corpus", out / "cells.h5ad"
     rng = np.random.default_rng(0)
     lens = rng.integers(int(nnz * 0.9), int(nnz * 1.1) + 1, n_cells)
@@ -95,28 +95,63 @@ def _block_from_csr(s_rows, u_rows, ids) -> CellBlock:
                      np.full(n, np.nan, np.float32), ids, ["bench"] * n, [None] * n)
 
 
-def time_fm(corpus: Path, workers: int, batch_size: int, tok: TokenizerConfig,
-            bucketing: bool = False) -> tuple[float, float, float]:
-    """(cells/s, padding fraction, cells per CPU-second of this process) over one epoch.
+def _children_cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
 
-    The CPU rate counts this process only: with workers 0 it is the whole cost of reading and tokenizing, free of
-    the machine's load; with workers it is the trainer's share.
-    """
+
+def time_fm(corpus: Path, workers: int, batch_size: int, tok: TokenizerConfig, bucketing: bool = False) -> dict:
+    """One epoch through ShardedDataLoader: cells/s (wall), cells per CPU-second of the main process and of the
+    workers (summed; their CPU is read once the epoch's workers were joined), main ms per batch, padding share."""
     index = UnitIndex.from_manifest(corpus, load_manifest(corpus))
     ds = ShardedArrowDataset(index, batch_size=batch_size, tokenizer=tok, rank=0, world_size=1, remainder="drop",
                              length_bucketing=bucketing)
     dl = ShardedDataLoader(ds, num_workers=workers)
-    t0, c0, n, pad, tot = time.perf_counter(), time.process_time(), 0, 0, 0
-    for b in dl:
-        n += len(b[keys.B_CELL_ID])
+    t0, c0, k0, n, pad, tot, batches = time.perf_counter(), time.process_time(), _children_cpu(), 0, 0, 0, 0
+    it = iter(dl)
+    for b in it:
+        n, batches = n + len(b[keys.B_CELL_ID]), batches + 1
         m = b[keys.B_GENE_MASK].numpy()
         pad, tot = pad + int(m.size - np.count_nonzero(m)), tot + m.size
-    return n / (time.perf_counter() - t0), pad / tot, n / (time.process_time() - c0)
+    del it  # exhausted: its workers are joined, so getrusage counts them
+    wall, main, kids = time.perf_counter() - t0, time.process_time() - c0, _children_cpu() - k0
+    return {"wall": n / wall, "main_cpu": n / main, "worker_cpu": n / kids if workers else float("nan"),
+            "main_ms": 1e3 * main / batches, "pad": pad / tot}
+
+
+def stage_breakdown(corpus: Path, batch_size: int, tok: TokenizerConfig) -> dict:
+    """ms per batch of each stage of the in-process path (CPU time of this thread): window decode, gather, tokenize."""
+    index = UnitIndex.from_manifest(corpus, load_manifest(corpus))
+    ds = ShardedArrowDataset(index, batch_size=batch_size, tokenizer=tok, rank=0, world_size=1, remainder="drop")
+    spent = {"decode": 0.0, "gather": 0.0, "tokenize": 0.0}
+
+    def timed(name, f):
+        def g(*a, **k):
+            c = time.thread_time()
+            try:
+                return f(*a, **k)
+            finally:
+                spent[name] += time.thread_time() - c
+        return g
+
+    real = ShardedArrowDataset._load_window, stream.gather_block, stream.tokenize_block
+    ShardedArrowDataset._load_window = timed("decode", real[0])
+    stream.gather_block, stream.tokenize_block = timed("gather", real[1]), timed("tokenize", real[2])
+    try:
+        c0 = time.thread_time()
+        n = sum(1 for _ in ds.iter_reader(0, 0))
+        total = time.thread_time() - c0
+    finally:
+        ShardedArrowDataset._load_window, stream.gather_block, stream.tokenize_block = real
+    out = {k: 1e3 * v / n for k, v in spent.items()}
+    out["other"] = 1e3 * total / n - sum(out.values())
+    return out
 
 
 def time_anndata(h5ad: Path, n_cells: int, batch_size: int, tok: TokenizerConfig,
-                 budget: int) -> tuple[float, float]:
-    """(cells/s, cells per CPU-second) reading random batches of rows from the backed .h5ad, in this process."""
+                 budget: int) -> tuple[float, float, float]:
+    """(cells/s, cells per CPU-second, reading ms per batch) for random batches of rows of the backed .h5ad, read
+    and tokenized in this process; reading is the rows and names, before the CellBlock and tokenize_block."""
     import anndata as ad
     import h5py
     from anndata.io import sparse_dataset
@@ -126,10 +161,14 @@ def time_anndata(h5ad: Path, n_cells: int, batch_size: int, tok: TokenizerConfig
     S, U = sparse_dataset(f["layers"][keys.LAYER_SPLICED]), sparse_dataset(f["layers"][keys.LAYER_UNSPLICED])
     order = np.random.default_rng(0).permutation(n_cells)[:budget]
     rng, names, t0, c0 = np.random.default_rng(0), adata.obs_names, time.perf_counter(), time.process_time()
+    reading, batches = 0.0, 0
     for lo in range(0, len(order), batch_size):
         idx = np.sort(order[lo:lo + batch_size])
-        tokenize_block(_block_from_csr(S[idx], U[idx], list(names[idx])), tok, rng, targets=())
-    rates = len(order) / (time.perf_counter() - t0), len(order) / (time.process_time() - c0)
+        r0 = time.process_time()
+        rows = S[idx], U[idx], list(names[idx])
+        reading, batches = reading + time.process_time() - r0, batches + 1
+        tokenize_block(_block_from_csr(*rows), tok, rng, targets=())
+    rates = len(order) / (time.perf_counter() - t0), len(order) / (time.process_time() - c0), 1e3 * reading / batches
     f.close()
     return rates
 
@@ -171,21 +210,42 @@ def main() -> None:
     a.out.mkdir(parents=True, exist_ok=True)
     corpus, h5ad = make_data(a.out, a.cells, a.genes, a.nnz)
     tok = TokenizerConfig(max_genes=a.max_genes)
-    res = {}
-    res["fm_w0"], pad, res["fm_w0_cpu"] = time_fm(corpus, 0, a.batch_size, tok)
-    for w in (1, 2):
-        res[f"fm_w{w}"], _, _ = time_fm(corpus, w, a.batch_size, tok)
-    _, pad_b, _ = time_fm(corpus, 0, a.batch_size, tok, bucketing=True)
-    res["anndata"], res["anndata_cpu"] = time_anndata(h5ad, a.cells, a.batch_size, tok, a.baseline_cells)
-    res["datasets"] = time_hf(corpus, a.batch_size, tok, a.baseline_cells, a.out / "hf-cache")
-    machine = f"{platform.node()} ({os.cpu_count()} CPUs, load {os.getloadavg()[0]:.0f})"
-    line = (f"| {dt.date.today()} | {machine} | {a.cells} cells, ~{a.nnz} genes/cell, "
-            f"B={a.batch_size}, max_genes={a.max_genes} | {res['fm_w0']:,.0f} | {res['fm_w0_cpu']:,.0f} | "
-            f"{res['fm_w1']:,.0f} | {res['fm_w2']:,.0f} | {res['anndata']:,.0f} | {res['anndata_cpu']:,.0f} | "
-            f"{res['datasets']:,.0f} | {res['fm_w0_cpu'] / res['anndata_cpu']:.1f}x | {pad:.3f} / {pad_b:.3f} |")
-    log.info(line)
+    pa.array(np.zeros(1)).to_numpy()  # pyarrow imports pandas on first use (~1 s, once per process): not loader cost
+    loads = [os.getloadavg()[0]]
+    fm = {w: time_fm(corpus, w, a.batch_size, tok) for w in (0, 1, 2)}
+    pad_b = time_fm(corpus, 0, a.batch_size, tok, bucketing=True)["pad"]
+    stages = stage_breakdown(corpus, a.batch_size, tok)
+    ad_wall, ad_cpu, ad_read_ms = time_anndata(h5ad, a.cells, a.batch_size, tok, a.baseline_cells)
+    hf = time_hf(corpus, a.batch_size, tok, a.baseline_cells, a.out / "hf-cache")
+    loads.append(os.getloadavg()[0])
+    rows = []
+    for w, r in fm.items():
+        per_worker = f"{r['worker_cpu']:,.0f}" if w else "-"
+        rows.append(f"| {w or 'in-process'} | {r['wall']:,.0f} | {per_worker} | {r['main_cpu']:,.0f} | "
+                    f"{r['main_ms']:.2f} |")
+    worst = min(fm[1]["worker_cpu"], fm[2]["worker_cpu"])
+    fm_read_ms = stages["decode"] + stages["gather"] + stages["other"]
+    text = "\n".join([
+        f"### {dt.date.today()}, {platform.node()} ({os.cpu_count()} CPUs, load {loads[0]:.1f} to {loads[1]:.1f})",
+        "",
+        f"`python -m bench.loader --cells {a.cells} --nnz {a.nnz} --batch-size {a.batch_size} "
+        f"--max-genes {a.max_genes}`: {a.cells} cells, ~{a.nnz} stored genes per cell.",
+        "",
+        f"| {' | '.join(COLUMNS)} |",
+        "|---" * len(COLUMNS) + "|",
+        *rows,
+        "",
+        f"anndata backed: {ad_wall:,.0f} cells/s wall, {ad_cpu:,.0f} per CPU-s; datasets: {hf:,.0f} cells/s wall. "
+        f"fm / anndata per CPU-s: {fm[0]['main_cpu'] / ad_cpu:.1f}x in-process, {worst / ad_cpu:.1f}x per worker "
+        f"(worst of 1 and 2 workers). In-process stages, ms per batch of {a.batch_size}: "
+        + ", ".join(f"{k} {v:.2f}" for k, v in stages.items())
+        + f"; anndata reading (rows + names, before the same tokenize) {ad_read_ms:.2f}, so reading alone is "
+        f"{ad_read_ms / fm_read_ms:.0f}x faster (decode + gather + other {fm_read_ms:.2f}). "
+        f"Padding share {fm[0]['pad']:.3f} / {pad_b:.3f} with length bucketing.",
+    ])
+    log.info(text)
     if not a.no_write:
-        record("Loader", line, intro=INTRO)
+        record("Loader", text, intro=INTRO)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,12 @@ number of batches the main process handed out fixes every reader's position; the
 and the workers skip straight to the window they are in, without decoding the skipped record batches. Gene sampling
 draws from a generator seeded by (seed, epoch, reader, batch), so a resumed stream is bit-identical.
 
+Workers: each writes its batches into a ring of shared-memory slots the loader allocated before starting it
+(BatchRing: ``prefetch_factor + 1`` slots, safe by the DataLoader's request protocol, checked by a generation
+number) and sends a few hundred bytes per batch; the main process copies the batch out. Sending the tensors
+themselves cost a fresh shared-memory segment per storage and a file-descriptor handshake, over twice a worker's
+tokenizing time (docs/BENCHMARKS.md, Loader). The batches are bit-identical to the in-process reader's.
+
 A shard that fails at read time raises with its file name, even with ``tolerant``: skipping it then would give the
 ranks different batch counts. ``tolerant`` acts at setup (fm.data.shards.check_shards).
 
@@ -24,18 +30,20 @@ ranks different batch counts. ``tolerant`` acts at setup (fm.data.shards.check_s
 from __future__ import annotations
 
 import logging
+import math
 from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from fm import keys
 from fm.data.schema import CorpusError
 from fm.data.shards import REMAINDERS, EpochPlan, ShardReader, UnitIndex, batches_per_reader
-from fm.data.tokenize import CellBlock, TokenizerConfig, ranges, tokenize_block
+from fm.data.tokenize import CellBlock, TokenizerConfig, _empty, batch_nbytes, ranges, tokenize_block
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +72,133 @@ def _rank_and_world_size() -> tuple[int, int]:
 def _as_is(batch):
     """The batches are collated already (module level so workers can pickle it)."""
     return batch
+
+
+_ALIGN = 64  # bytes: every region of a slot (and the slot header) starts on a cache line
+
+
+class _RingBatch:
+    """What a worker sends for one batch: where its arrays lie in the worker's ring, plus the small fields by value."""
+
+    def __init__(self, worker: int, slot: int, generation: int, regions: list, fields: dict):
+        self.worker, self.slot, self.generation = worker, slot, generation
+        self.regions = regions  # [(byte offset in the slot, numel, torch dtype)]
+        # key -> ("ring", region, element offset, shape) | ("numpy", array) sent by value | ("value", anything)
+        self.fields = fields
+
+
+class BatchRing:
+    """Shared-memory slots one loader worker writes its batches into; the main process copies each batch out.
+
+    Sending a tensor from a worker normally costs a fresh shared-memory segment per storage (create, fault in the
+    zeroed pages) plus passing its file descriptor over a socket; for ~2 MB batches that is most of a worker's time.
+    The ring is allocated once per epoch by the main process, before the workers start, so the workers inherit it,
+    write into it, and send only a few hundred bytes per batch.
+
+    Why a slot is never overwritten while it is read: the DataLoader sends a worker its request for batch j only
+    when the main process takes the worker's batch ``j - prefetch_factor`` off the queue, and the loader copies
+    every batch out before it asks for the next one. So batches ``j - prefetch_factor .. j`` may be unread, and
+    ``prefetch_factor + 1`` slots, used round robin, keep them apart. Each slot also carries a generation number
+    that the main process checks before and after its copy (a loud error, never a silently mixed batch).
+
+    Every access goes through numpy, never a torch kernel: a process forked from one whose OpenMP pool is running
+    (a rank started by fork, a worker) hangs in its first multi-threaded torch op.
+    """
+
+    def __init__(self, n_slots: int, slot_nbytes: int):
+        self.n_slots = n_slots
+        self.slot_nbytes = -(-slot_nbytes // _ALIGN) * _ALIGN
+        width = _ALIGN + self.slot_nbytes
+        storage = torch.UntypedStorage._new_shared(n_slots * width)  # born shared: no copy into it
+        self.buf_SX = torch.empty(0, dtype=torch.uint8).set_(storage, 0, (n_slots, width), (width, 1))
+        self._views()
+        self.generation_S[:] = 0
+
+    def _views(self) -> None:
+        self.np_SX = self.buf_SX.numpy()
+        self.generation_S = self.np_SX[:, :8].view(np.int64)[:, 0]
+
+    def __getstate__(self):  # spawned workers get the shared buffer (as a handle); the numpy views are remade
+        return {"n_slots": self.n_slots, "slot_nbytes": self.slot_nbytes, "buf_SX": self.buf_SX}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._views()
+
+    def _region(self, slot: int, offset: int, numel: int, dtype: np.dtype) -> np.ndarray:
+        return self.np_SX[slot, _ALIGN + offset: _ALIGN + offset + numel * dtype.itemsize].view(dtype)
+
+    def writer(self, j: int):
+        """An allocator (fm.data.tokenize.Alloc) in the slot of this worker's batch ``j`` (counted from 0)."""
+        slot = j % self.n_slots
+        self.generation_S[slot] = 0  # being written
+        regions, used = [], 0
+
+        def alloc(shape, dtype):
+            nonlocal used
+            np_dtype = _NUMPY_DTYPES[dtype]
+            numel = math.prod(shape)
+            if used + numel * np_dtype.itemsize > self.slot_nbytes:  # not expected (tokenize's bound): sent as usual
+                return _empty(shape, dtype)
+            regions.append((used, numel, np_dtype))
+            out = self._region(slot, used, numel, np_dtype).reshape(shape)
+            used = -(-(used + numel * np_dtype.itemsize) // _ALIGN) * _ALIGN
+            return out
+
+        alloc.slot, alloc.regions = slot, regions
+        return alloc
+
+    def pack(self, alloc, j: int, batch: dict, worker: int) -> _RingBatch:
+        """The message for ``batch``, whose [B, G] arrays ``alloc`` placed in the slot; marks the slot written."""
+        slot, fields = alloc.slot, {}
+        spans = []  # per region: [first, end) addresses
+        for off, numel, dtype in alloc.regions:
+            first = self._region(slot, off, numel, dtype).ctypes.data
+            spans.append((first, first + numel * dtype.itemsize))
+        for k, v in batch.items():
+            if not isinstance(v, torch.Tensor):
+                fields[k] = ("value", v)
+                continue
+            r = next((i for i, (lo, hi) in enumerate(spans) if lo <= v.data_ptr() < hi), None)
+            if r is not None and v.is_contiguous():
+                fields[k] = ("ring", r, (v.data_ptr() - spans[r][0]) // v.element_size(), tuple(v.shape))
+            elif v.is_shared():  # born in shared memory outside the ring: sent as a handle, as torch does
+                fields[k] = ("value", v)
+            else:  # a few floats per cell: by value, no shared-memory segment
+                fields[k] = ("numpy", v.numpy())
+        self.generation_S[slot] = j + 1
+        return _RingBatch(worker, slot, j + 1, list(alloc.regions), fields)
+
+    def unpack(self, msg: _RingBatch, pin: bool = False) -> dict:
+        """The batch of ``msg`` as tensors of the main process (a copy: the slot is reused)."""
+        def check(when: str):
+            got = int(self.generation_S[msg.slot])
+            if got != msg.generation:
+                raise RuntimeError(
+                    f"loader ring slot {msg.slot} holds generation {got} {when} copying batch generation "
+                    f"{msg.generation}: a worker overwrote a batch not yet read (DataLoader protocol changed?)"
+                )
+
+        check("before")
+        copies = []
+        for off, numel, dtype in msg.regions:
+            dst = torch.empty(numel, dtype=_TORCH_DTYPES[dtype], pin_memory=pin)
+            np.copyto(dst.numpy(), self._region(msg.slot, off, numel, dtype))
+            copies.append(dst)
+        check("after")
+        out = {}
+        for k, (kind, *f) in msg.fields.items():
+            if kind == "ring":
+                r, off, shape = f
+                out[k] = copies[r][off: off + math.prod(shape)].view(shape)
+            else:
+                out[k] = torch.from_numpy(f[0]) if kind == "numpy" else f[0]
+        return out
+
+
+_NUMPY_DTYPES = {t: torch.empty(0, dtype=t).numpy().dtype for t in (torch.float32, torch.int64, torch.int32,
+                                                                     torch.bool)}
+_TORCH_DTYPES = {v: k for k, v in _NUMPY_DTYPES.items()}
 
 
 @dataclass
@@ -202,6 +337,7 @@ class ShardedArrowDataset(IterableDataset):
         self.epoch = 0
         self.start_batch = 0  # batches of this rank already consumed in `epoch` (resume)
         self._readers: OrderedDict[int, ShardReader] = OrderedDict()
+        self._rings: list[BatchRing] | None = None  # one per worker, set by ShardedDataLoader for each epoch
 
     # --- the deal --------------------------------------------------------------------------------------------------
     @property
@@ -247,10 +383,15 @@ class ShardedArrowDataset(IterableDataset):
         # the DataLoader asks worker 0 first; after k consumed batches the next one is logical worker k % W's
         logical = (worker + self.start_batch) % n_workers
         skip = self.reader_batches_done(self.start_batch)[logical]
-        yield from self.iter_reader(self.epoch, self.rank * n_workers + logical, skip)
+        ring = None if info is None or self._rings is None else self._rings[worker]
+        yield from self.iter_reader(self.epoch, self.rank * n_workers + logical, skip, ring=ring, worker=worker)
 
-    def iter_reader(self, epoch: int, reader: int, skip: int = 0):
-        """The batches of one reader in one epoch, from its batch ``skip`` on."""
+    def iter_reader(self, epoch: int, reader: int, skip: int = 0, ring: BatchRing | None = None, worker: int = 0):
+        """The batches of one reader in one epoch, from its batch ``skip`` on.
+
+        With ``ring`` (in a loader worker), each batch is written into the ring and a _RingBatch is yielded instead.
+        """
+        j = 0  # batches yielded by this iterator (the ring's slot counter)
         plan = self.plan(epoch)
         B, S = self.batch_size, self.window
         length = plan.n_batches * B
@@ -270,7 +411,13 @@ class ShardedArrowDataset(IterableDataset):
                 cells = order[(b - first) * B: (b - first + 1) * B]
                 block = gather_block(units, piece_C[cells], row_C[cells], [x[cells] for x in names_C])
                 rng = np.random.default_rng([self.seed, epoch, reader, b, 1])
-                yield tokenize_block(block, self.tokenizer, rng, targets=self.index.targets)
+                if ring is None:
+                    yield tokenize_block(block, self.tokenizer, rng, targets=self.index.targets)
+                    continue
+                alloc = ring.writer(j)
+                batch = tokenize_block(block, self.tokenizer, rng, targets=self.index.targets, alloc=alloc)
+                yield ring.pack(alloc, j, batch, worker)
+                j += 1
 
     def _load_window(self, plan: EpochPlan, start: int, length: int):
         """Decode the units covering virtual cells [start, start + length).
@@ -310,6 +457,15 @@ class ShardedArrowDataset(IterableDataset):
         return state
 
 
+def _warm_pyarrow() -> None:
+    """Make pyarrow load what it loads lazily on first use (pandas, ~1 s) in this process, once.
+
+    Workers are started afresh each epoch; forked from a process that did this, they inherit it instead of each
+    paying it every epoch (measured: up to a third of a worker's time in a short epoch).
+    """
+    pa.array(np.zeros(1, np.int64)).to_numpy()
+
+
 class ShardedDataLoader(DataLoader):
     """A DataLoader over a ShardedArrowDataset with ``state_dict``/``load_state_dict`` (Lightning saves it).
 
@@ -347,10 +503,24 @@ class ShardedDataLoader(DataLoader):
         self._epoch, self._consumed, self._next, self._pending = epoch, start, (epoch + 1, 0), False
         if start:
             log.info("resuming the stream at epoch %d, batch %d of %d", epoch, start, len(self))
-        return self._count(super().__iter__())
+        rings = None
+        if self.num_workers > 0:  # fresh rings each epoch: a previous iterator's workers may still write theirs
+            _warm_pyarrow()
+            ds: ShardedArrowDataset = self.dataset
+            nbytes = batch_nbytes(ds.batch_size, ds.tokenizer, ds.index.targets) + 4 * _ALIGN
+            rings = [BatchRing(self.prefetch_factor + 1, nbytes) for _ in range(self.num_workers)]
+        self.dataset._rings = rings
+        try:
+            it = super().__iter__()  # starts the workers, which inherit the rings
+        finally:
+            self.dataset._rings = None
+        return self._count(it, rings)
 
-    def _count(self, it):
+    def _count(self, it, rings: list[BatchRing] | None):
+        pin = self.pin_memory and torch.cuda.is_available()
         for batch in it:
+            if isinstance(batch, _RingBatch):  # copied out before the next batch is asked for (see BatchRing)
+                batch = rings[batch.worker].unpack(batch, pin=pin)
             self._consumed += 1  # before the yield: a checkpoint taken while this batch trains counts it
             yield batch
 

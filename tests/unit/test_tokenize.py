@@ -153,3 +153,37 @@ def test_batch_gene_set_gives_every_cell_the_same_genes(sampling, max_genes):
 def test_unknown_gene_set_is_named():
     with pytest.raises(ValueError, match="gene_set"):
         TokenizerConfig(gene_set="union")
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_random_sampling_keeps_the_cells_smallest_draws_even_with_ties(tied):
+    """The kept genes of a long cell are those with its max_genes smallest draws (argsort order, the reference)."""
+    rng = np.random.default_rng(4)
+    cells = []
+    for n in (40, 9, 57, 33):  # three cells over max_genes=12, one under
+        genes = np.sort(rng.choice(500, n, replace=False))
+        cells.append((genes.tolist(), rng.integers(1, 9, n).tolist(), rng.integers(0, 9, n).tolist()))
+    block, cfg = _block(cells), TokenizerConfig(max_genes=12)
+    long_b = [0, 2, 3]
+    draws = np.random.default_rng(5).random((len(long_b), 57))
+    if tied:  # a repeated draw straddling the cut: exactly max_genes genes must still be kept
+        order = np.argsort(draws[0, :40])
+        draws[0, order[12]] = draws[0, order[11]]
+
+    class Draws:  # the generator tokenize_block is given, returning the draws above
+        def random(self, shape):
+            assert shape == draws.shape
+            return draws.copy()
+
+    out = tokenize_block(block, cfg, Draws())
+    for i, b in enumerate(long_b):
+        n = len(cells[b][0])
+        mask = out[keys.B_GENE_MASK][b].numpy()
+        assert mask.sum() == 12
+        kept = set(out[keys.B_GENE_IDS][b][mask].tolist())
+        if not tied or i:
+            assert kept == set(np.asarray(cells[b][0])[np.argsort(draws[i, :n], kind="stable")[:12]].tolist())
+        else:  # either of the tied genes, never both
+            tie = set(np.asarray(cells[b][0])[np.argsort(draws[i, :n], kind="stable")[:13]].tolist())
+            assert kept < tie and len(tie - kept) == 1
+    assert out[keys.B_GENE_MASK][1].sum() == 9
