@@ -134,8 +134,7 @@ def train_fm_scvi(train_CG: np.ndarray, epochs: int, seed: int = 0, batch_size: 
     V = train_CG.shape[1]
     batch = batch_from_dense(train_CG, np.zeros_like(train_CG))
     head = SCVIHead(SCVIConfig(n_genes=V, modality="spliced"))
-    # scvi-tools' TrainingPlan defaults: Adam, lr 1e-3, eps 0.01, weight decay 1e-6
-    opt = torch.optim.Adam(head.parameters(), lr=1e-3, eps=0.01, weight_decay=1e-6)
+    opt = head.optimizer()  # scvi-tools' TrainingPlan defaults: Adam, lr 1e-3, eps 0.01, weight decay 1e-6
     gen = torch.Generator().manual_seed(seed)
     n = train_CG.shape[0]
     t0 = time.perf_counter()

@@ -44,10 +44,14 @@ class ScScopeConfig:
     batch_ids: list[str] = field(default_factory=list)  # dataset ids of the batch-effect layer; empty = none
     init_std: float = 0.1  # standard deviation of the initial weights
     use_mask: bool = True  # loss on nonzero entries only (False: on every entry)
+    learning_rate: float = 1e-4  # the authors' Adam: lr 1e-4, beta1 0.05 (optimizer())
+    beta1: float = 0.05
 
     def __post_init__(self) -> None:
         check_fields(self)
-        check_positive(self, "n_genes", "n_latent", "n_iterations", "imputer_hidden", "init_std")
+        check_positive(self, "n_genes", "n_latent", "n_iterations", "imputer_hidden", "init_std", "learning_rate")
+        if not 0 <= self.beta1 < 1:
+            raise ValueError(f"ScScopeConfig.beta1: must be in [0, 1), got {self.beta1!r}")
         for name in ("encoder_layers", "decoder_layers"):
             if any(int(w) <= 0 for w in getattr(self, name)):
                 raise ValueError(f"ScScopeConfig.{name}: widths must be > 0, got {getattr(self, name)!r}")
@@ -73,6 +77,11 @@ class ScScopeHead(Head):
             if isinstance(m, nn.Linear):
                 nn.init.normal_(m.weight, std=c.init_std)
                 nn.init.zeros_(m.bias)
+
+    def optimizer(self) -> torch.optim.Optimizer:
+        """The authors' optimiser: Adam with lr 1e-4, beta1 0.05 (beta2 0.999, eps 1e-8: TensorFlow's defaults)."""
+        return torch.optim.Adam(self.parameters(), lr=self.config.learning_rate, betas=(self.config.beta1, 0.999),
+                                eps=1e-8)
 
     def expression(self, batch: dict) -> Tensor:
         """Dense normalised log1p expression [B, V] of the configured modality."""

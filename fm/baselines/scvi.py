@@ -4,7 +4,8 @@ Matches scvi-tools' ``VAE`` defaults: 128 hidden units, 10 latent dimensions, 1 
 per-gene dispersion, observed library size, log1p input, batch norm (momentum 0.01, eps 1e-3) in encoder and decoder,
 a batch covariate one-hot injected into the decoder, posterior variance ``exp(.) + 1e-4``. The loss is scvi-tools'
 ``mean(reconstruction + kl_weight * KL(q(z|x) || N(0, I)))`` with the KL weight warmed up linearly over
-``n_epochs_kl_warmup`` epochs (the task or bench calls ``set_epoch``). The head ignores the encoder output.
+``n_epochs_kl_warmup`` epochs (the task or bench calls ``set_epoch``);
+``optimizer()`` is scvi-tools' Adam. The head ignores the encoder output.
 
     .venv/bin/python -m pytest -q tests/unit/test_baselines.py -k scvi     # CPU, seconds
 
@@ -43,10 +44,15 @@ class SCVIConfig:
     batch_ids: list[str] = field(default_factory=list)  # dataset ids that form the batch covariate; empty = none
     n_epochs_kl_warmup: int = 400  # KL weight rises linearly from 0 to 1 over these epochs (0 = always 1)
     var_eps: float = 1e-4  # added to the posterior variance
+    learning_rate: float = 1e-3  # scvi-tools' TrainingPlan: Adam lr 1e-3, eps 0.01, weight decay 1e-6 (optimizer())
+    adam_eps: float = 0.01
+    weight_decay: float = 1e-6
 
     def __post_init__(self) -> None:
         check_fields(self)
-        check_positive(self, "n_genes", "n_hidden", "n_latent", "n_layers")
+        check_positive(self, "n_genes", "n_hidden", "n_latent", "n_layers", "learning_rate", "adam_eps")
+        if self.weight_decay < 0:
+            raise ValueError(f"SCVIConfig.weight_decay: must be >= 0, got {self.weight_decay!r}")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"SCVIConfig.dropout: must be in [0, 1), got {self.dropout!r}")
         if self.n_epochs_kl_warmup < 0:
@@ -79,6 +85,11 @@ class SCVIHead(Head):
         self.px_dropout = nn.Linear(c.n_hidden, c.n_genes)
         self.px_r = nn.Parameter(torch.randn(c.n_genes))  # log inverse dispersion per gene (scvi-tools' init)
         self.kl_weight = 1.0 if c.n_epochs_kl_warmup == 0 else 0.0
+
+    def optimizer(self) -> torch.optim.Optimizer:
+        """scvi-tools' training plan: Adam (lr 1e-3, eps 0.01, L2 weight decay 1e-6), no schedule."""
+        c = self.config
+        return torch.optim.Adam(self.parameters(), lr=c.learning_rate, eps=c.adam_eps, weight_decay=c.weight_decay)
 
     def set_epoch(self, epoch: int) -> None:
         """KL warm-up as scvi-tools: weight = min(1, epoch / n_epochs_kl_warmup)."""

@@ -92,6 +92,14 @@ def load_encoder_state(path: str | os.PathLike, vocab_hash: str | None) -> tuple
     return config, state
 
 
+def log_loss(task: L.LightningModule, out: LossOutput, stage: str, batch: dict) -> None:
+    """The total, the head's loss parts and its metrics as ``{stage}/...``; the total on the progress bar."""
+    n = batch[keys.B_GENE_MASK].shape[0]
+    task.log_dict(out.to_log(stage), batch_size=n, sync_dist=stage != "train")
+    if stage == "train":
+        task.log("loss", out.loss.detach(), prog_bar=True, logger=False, batch_size=n)
+
+
 class FinetuneTask(L.LightningModule):
     """A Zorro encoder and one decoder head; the encoder frozen, partly or fully trainable.
 
@@ -194,11 +202,7 @@ class FinetuneTask(L.LightningModule):
         return out.loss
 
     def _log_loss(self, out: LossOutput, stage: str, batch: dict) -> None:
-        """The total, the head's loss parts and its metrics as ``{stage}/...``; the total on the progress bar."""
-        n = batch[keys.B_GENE_MASK].shape[0]
-        self.log_dict(out.to_log(stage), batch_size=n, sync_dist=stage != "train")
-        if stage == "train":
-            self.log("loss", out.loss.detach(), prog_bar=True, logger=False, batch_size=n)
+        log_loss(self, out, stage, batch)
 
     def configure_optimizers(self):
         # the head at optim.lr, the trainable encoder at finetune.encoder_lr, one warmup-cosine schedule for both

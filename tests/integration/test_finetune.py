@@ -102,7 +102,7 @@ def test_checkpoint_of_another_vocabulary_is_refused(pretrained, tmp_path):
                      id="missing-checkpoint"),
         pytest.param("task.finetune.encoder=half", Exception, "FinetuneConfig.encoder", id="encoder-mode"),
         pytest.param("task.finetune.unfreeze_last=9", Exception, "FinetuneConfig.unfreeze_last", id="too-deep"),
-        pytest.param("head=scvi", Exception, "FinetuneTask.head", id="not-a-decoder"),
+        pytest.param("head=scvi", ValueError, "checkpoint: head=scvi is a baseline", id="baseline-given-a-checkpoint"),
     ],
 )
 def test_bad_input_fails_before_training(pretrained, tmp_path, override, error, match):

@@ -1,0 +1,111 @@
+"""The baselines (scVI, scScope, cellDancer) through the real fine-tuning entry point and configs, on CPU.
+
+    python -m pytest tests/integration/test_baselines_entry.py -q
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fm import finetune, train
+from fm.tasks.baseline import BaselineTask, load_baseline
+from fm.tasks.pretrain import CKPT_KEY, CheckpointMismatchError
+from tests.integration.pretrain_helpers import TINY, LossRecorder, build_corpus
+
+pytestmark = pytest.mark.slow
+
+N_GENES = 40
+# the pretraining tiny settings without the model and task ones; every gene of a cell is a token
+BASE = [o for o in TINY if not o.startswith(("model=", "task.", "data.max_genes"))] + [f"data.max_genes={N_GENES}"]
+# each baseline's recipe, with a learning rate that shows learning within a few dozen steps where the paper's is slow
+RECIPES = {
+    "scvi": ["head.n_epochs_kl_warmup=3"],
+    "scscope": ["head.learning_rate=3e-3"],
+    "celldancer": ["data.batch_size=64", "head.input=counts"],  # per-10k values saturate alpha0 = 2 u_max
+}
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return build_corpus(tmp_path_factory.mktemp("baselines") / "data", n_cells=200, n_genes=N_GENES)
+
+
+def compose(corpus, out, *overrides):
+    return train.compose([f"data.corpus={corpus}", f"output_dir={out}", *BASE, *overrides], "finetune")
+
+
+def _mean(values):
+    return sum(values) / len(values)
+
+
+class KLWeights(LossRecorder):
+    """Also records scVI's KL weight and the trainer's epoch at every step."""
+
+    def __init__(self):
+        super().__init__()
+        self.kl: dict[int, tuple[int, float]] = {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
+        self.kl[trainer.global_step] = (trainer.current_epoch, pl_module.head.kl_weight)
+
+
+@pytest.mark.parametrize("name", ["scvi", "scscope", "celldancer"])
+def test_baseline_trains_through_finetune_entry(corpus, tmp_path, name):
+    rec = KLWeights() if name == "scvi" else LossRecorder()
+    steps = 36
+    result = finetune.run(compose(corpus, tmp_path, f"head={name}", f"trainer.max_steps={steps}", *RECIPES[name]),
+                          callbacks=[rec])
+    task = result["task"]
+    assert isinstance(task, BaselineTask) and task.head_name == name
+    losses = [rec.losses[s] for s in sorted(rec.losses)]
+    assert len(losses) == steps
+    assert _mean(losses[-5:]) < 0.9 * _mean(losses[:5]), losses
+    if name == "scvi":  # the KL weight is epoch / 3: it moves with the stream's epochs, not the steps
+        epochs = {epoch: weight for epoch, weight in rec.kl.values()}
+        assert len(epochs) >= 3, epochs
+        assert all(w == pytest.approx(min(1.0, e / 3)) for e, w in epochs.items()), epochs
+    saved = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert saved[CKPT_KEY]["head"] == name
+    assert saved[CKPT_KEY]["vocab_hash"] == result["datamodule"].vocab.hash
+    loaded = load_baseline(tmp_path / "checkpoints" / "last.ckpt", result["datamodule"].vocab.hash)
+    for k, v in task.state_dict().items():
+        assert torch.equal(v, loaded.state_dict()[k]), k
+
+
+def test_baseline_resumes_exactly(corpus, tmp_path):
+    """Stop after 6 steps and resume to 12: the same losses as 12 steps uninterrupted (scVI samples and drops out)."""
+    head = ["head=scvi", "head.n_epochs_kl_warmup=3", "callbacks.model_checkpoint.every_n_train_steps=6"]
+    full, first, second = LossRecorder(), LossRecorder(), LossRecorder()
+    finetune.run(compose(corpus, tmp_path / "full", *head, "trainer.max_steps=12"), callbacks=[full])
+    finetune.run(compose(corpus, tmp_path / "part", *head, "trainer.max_steps=6"), callbacks=[first])
+    ckpt = tmp_path / "part" / "checkpoints" / "last.ckpt"
+    finetune.run(compose(corpus, tmp_path / "part", *head, "trainer.max_steps=12", f"ckpt_path={ckpt}"),
+                 callbacks=[second])
+    assert sorted(second.losses) == list(range(7, 13))
+    resumed = {**first.losses, **second.losses}
+    assert resumed == pytest.approx(full.losses, rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    "overrides, error, match",
+    [
+        pytest.param(["head=scvi", "data.max_genes=8"], ValueError, "data.max_genes=8", id="max-genes"),
+        pytest.param(["head=scscope", "checkpoint=x.ckpt"], ValueError, "head=scscope is a baseline",
+                     id="checkpoint-given"),
+        pytest.param(["head=velocity"], ValueError, "checkpoint: head=VelocityConfig", id="decoder-needs-checkpoint"),
+    ],
+)
+def test_bad_input_fails_before_training(corpus, tmp_path, overrides, error, match):
+    rec = LossRecorder()
+    with pytest.raises(error, match=match):
+        finetune.run(compose(corpus, tmp_path, "trainer.max_steps=2", *overrides), callbacks=[rec])
+    assert not rec.started
+
+
+def test_checkpoint_of_another_head_is_refused(corpus, tmp_path):
+    finetune.run(compose(corpus, tmp_path / "a", "head=scscope", "trainer.max_steps=2"))
+    ckpt = tmp_path / "a" / "checkpoints" / "last.ckpt"
+    with pytest.raises(CheckpointMismatchError, match="head 'scscope' differs from 'scvi'"):
+        finetune.run(compose(corpus, tmp_path / "b", "head=scvi", "trainer.max_steps=4", f"ckpt_path={ckpt}"))
