@@ -69,5 +69,10 @@ def test_deepspeed_two_processes_consolidates(corpus, tmp_path, stage):
         f"ref = torch.load({str(dump)!r})\n"
         "torch.testing.assert_close(out.z_fusion, ref['z_fusion'], rtol=1e-5, atol=1e-6)\n"
         "torch.testing.assert_close(out.z_spliced, ref['z_spliced'], rtol=1e-5, atol=1e-6)\n"
+        # fm export reads the ZeRO folder itself (consolidating it), and the release gives the same outputs
+        "from fm.checkpoint import export, load_pretrained\n"
+        f"release = export({str(ckpt_dir)!r}, {str(tmp_path / 'release')!r}, vocab={str(corpus / 'vocab.tsv')!r})\n"
+        "loaded = load_pretrained(release).encode(example_batch(task.model_config.vocab_size))\n"
+        "torch.testing.assert_close(loaded.z_fusion, ref['z_fusion'], rtol=1e-5, atol=1e-6)\n"
     )
     run_module([sys.executable, "-c", code])
