@@ -11,9 +11,14 @@ plane and duplicates are dropped, so a gene is fitted on its distinct points.
 
 The weights of all genes live in [V, ...] tensors used through batched matmuls, so one step trains every gene, and
 gene g's weights only ever see gene g's data (a test checks this). The loss is the *sum* over genes of each gene's
-mean cost, so each gene's gradient is the one its own network would get alone. The package also starts each gene
-from one of two pretrained networks and stops each gene early; here every gene starts from PyTorch's default
-``nn.Linear`` initialisation (seeded) and runs the steps it is given.
+mean cost, so each gene's gradient is the one its own network would get alone.
+
+Each gene stops early as in the package (PyTorch Lightning's ``EarlyStopping`` on its smoothed cost): a gene's cost
+is smoothed as ``0.9 · cost + 0.1 · previous`` at every step it has points, every ``check_every`` (10) steps the
+smoothed cost is compared with the gene's best, and after ``patience`` (3) checks in a row without a new best the
+gene stops: its network is no longer run and ``GeneAdam`` (Adam that updates only running genes' rows) leaves its
+weights as they were. The state is in buffers, so it is checkpointed. The package also starts each gene from one of
+two pretrained networks; here every gene starts from PyTorch's default ``nn.Linear`` initialisation (seeded).
 
     .venv/bin/python -m pytest -q tests/unit/test_baselines.py -k celldancer     # CPU, seconds
 
@@ -54,11 +59,19 @@ class CellDancerConfig:
     weight_decay: float = 4e-3
     fit_fraction: float = 1.0  # share of each gene's distinct points fitted per step (the package: 0.125 per epoch
     # over all cells; a streaming batch is already a sample)
-    gene_chunk: int = 256  # genes per block of the networks and the kNN (memory: gene_chunk · B² distances)
+    gene_chunk: int = 64  # genes per block of the networks and the kNN (memory: gene_chunk · B² distances)
+    patience: int = 3  # a gene stops after this many checks without a new best smoothed cost; 0: never stops
+    check_every: int = 10  # steps between checks (the package's check_val_every_n_epoch)
+    smooth_weight: float = 0.9  # smoothed cost = w · cost + (1 − w) · previous (the package's cost_type='smooth')
 
     def __post_init__(self) -> None:
         check_fields(self)
-        check_positive(self, "n_genes", "n_hidden", "dt", "initial_zoom", "initial_stretch", "gene_chunk")
+        check_positive(self, "n_genes", "n_hidden", "dt", "initial_zoom", "initial_stretch", "gene_chunk",
+                       "check_every")  # fmt: skip
+        if self.patience < 0:
+            raise ValueError(f"CellDancerConfig.patience: must be >= 0 (0: never stop), got {self.patience!r}")
+        if not 0 < self.smooth_weight <= 1:
+            raise ValueError(f"CellDancerConfig.smooth_weight: must be in (0, 1], got {self.smooth_weight!r}")
         if not 0 < self.fit_fraction <= 1:
             raise ValueError(f"CellDancerConfig.fit_fraction: must be in (0, 1], got {self.fit_fraction!r}")
         if self.n_neighbors < 2:
@@ -81,12 +94,40 @@ class CellDancerHead(Head):
             bound = 1.0 / math.sqrt(w.shape[1])
             nn.init.uniform_(w, -bound, bound)
             nn.init.uniform_(b, -bound, bound)
+        # per-gene early stopping (the package's EarlyStopping), advanced by ``loss`` in training mode
+        self.register_buffer("running", torch.ones(V, dtype=torch.bool))  # genes still training
+        self.register_buffer("smoothed_cost", torch.full((V,), float("nan")))
+        self.register_buffer("best_cost", torch.full((V,), float("inf")))
+        self.register_buffer("bad_checks", torch.zeros(V, dtype=torch.long))
+        self.register_buffer("stopped_at", torch.full((V,), -1, dtype=torch.long))  # step a gene stopped, -1: running
+        self.register_buffer("steps", torch.zeros((), dtype=torch.long))
 
     def optimizer(self) -> torch.optim.Optimizer:
-        """Adam with the package's settings (lr 1e-3, betas 0.9/0.999, eps 1e-8, L2 weight decay 4e-3)."""
+        """The package's Adam (lr 1e-3, betas 0.9/0.999, eps 1e-8, L2 weight decay 4e-3), on running genes only."""
         c = self.config
-        return torch.optim.Adam(self.parameters(), lr=c.learning_rate, betas=(0.9, 0.999), eps=1e-8,
-                                weight_decay=c.weight_decay)  # fmt: skip
+        return GeneAdam(self.parameters(), lambda: self.running, lr=c.learning_rate, betas=(0.9, 0.999), eps=1e-8,
+                        weight_decay=c.weight_decay)  # fmt: skip
+
+    @torch.no_grad()
+    def track(self, cost_V: Tensor, has_points_V: Tensor) -> None:
+        """One step of every running gene's early stopping: smooth its cost (genes with points in this batch), and
+        every ``check_every`` steps count a check without a new best; ``patience`` of them in a row stop the gene."""
+        c = self.config
+        if c.patience == 0:
+            return
+        upd = self.running & has_points_V
+        prev = torch.where(torch.isnan(self.smoothed_cost), cost_V, self.smoothed_cost)
+        smoothed = c.smooth_weight * cost_V + (1 - c.smooth_weight) * prev
+        self.smoothed_cost.copy_(torch.where(upd, smoothed, self.smoothed_cost))
+        self.steps += 1
+        if int(self.steps) % c.check_every:
+            return
+        better = self.running & (self.smoothed_cost < self.best_cost)  # NaN (never had points): not better
+        self.best_cost.copy_(torch.where(better, self.smoothed_cost, self.best_cost))
+        self.bad_checks.copy_(torch.where(better, 0, self.bad_checks + self.running.long()))
+        stop = self.running & (self.bad_checks >= c.patience)
+        self.stopped_at.masked_fill_(stop, int(self.steps))
+        self.running &= ~stop
 
     def dense_us(self, batch: dict) -> tuple[Tensor, Tensor]:
         """Dense unspliced and spliced [B, V] in the configured units."""
@@ -115,9 +156,58 @@ class CellDancerHead(Head):
                 "du": (alpha - beta * u) * c.dt, "ds": (beta * u - gamma * s) * c.dt}  # fmt: skip
 
     def forward(self, batch: dict, encoder_output=None) -> dict[str, Tensor]:
-        """Training: the fitted points of each gene, compacted to [V, P] (``valid`` marks real ones), for ``loss``.
-        Evaluation: per cell-gene α, β, γ (normalised plane) and velocities (input units per unit time), [B, V]."""
+        """Training: the fitted points of each running gene, compacted to [R, P] (``valid`` marks real ones;
+        ``genes`` [R] the running genes' indices), for ``loss``. Evaluation: per cell-gene α, β, γ (normalised plane)
+        and velocities (input units per unit time), [B, V]."""
         c = self.config
+        if not self.training:
+            return self._predict(*self._points(batch, fitting=False))
+        points = self._points(batch, fitting=True)
+        genes_R = self.running.nonzero().squeeze(1)  # a stopped gene is not run
+        if len(genes_R) < c.n_genes:
+            points = tuple(x.index_select(0, genes_R) for x in points)
+        un_RB, sn_RB, umax_R1, smax_R1, valid_RB = points
+        if c.fit_fraction < 1:
+            valid_RB = subsample(valid_RB, c.fit_fraction)
+        # compact each gene to its fitted points; networks run per block of genes with similar counts
+        n_R = valid_RB.sum(dim=1)
+        P = max(int(n_R.max()), 1) if len(n_R) else 1
+        pos_RP = compact_positions(valid_RB, P)
+        u_RP, s_RP = torch.gather(un_RB, 1, pos_RP), torch.gather(sn_RB, 1, pos_RP)
+        valid_RP = torch.arange(P, device=n_R.device)[None, :] < n_R[:, None]
+        out = {"u": u_RP, "s": s_RP, "du": torch.zeros_like(u_RP), "ds": torch.zeros_like(s_RP), "valid": valid_RP,
+               "u_max": umax_R1, "s_max": smax_R1, "genes": genes_R}  # fmt: skip
+        # the genes with points, sorted by their number of points, so that each block of networks runs on about its
+        # own width; one gather of their weights per step, split into blocks (its backward is one concatenation)
+        live = torch.argsort(n_R, descending=True, stable=True)[: int((n_R > 0).sum())]
+        if not len(live):
+            return out
+        blocks = zip(*(t[genes_R[live]].split(c.gene_chunk) for pair in zip(self.weights, self.biases) for t in pair))
+        du_parts, ds_parts = [], []
+        for g, block in zip(live.split(c.gene_chunk), blocks, strict=True):
+            p = int(n_R[g[0]])  # the block's widest gene
+            params = list(zip(block[0::2], block[1::2], strict=True))
+            d = self._displacement(u_RP[g, :p], s_RP[g, :p], umax_R1[g], smax_R1[g], params)
+            du_parts.append(F.pad(d["du"], (0, P - p)))
+            ds_parts.append(F.pad(d["ds"], (0, P - p)))
+        out["du"] = out["du"].index_copy(0, live, torch.cat(du_parts))
+        out["ds"] = out["ds"].index_copy(0, live, torch.cat(ds_parts))
+        return out
+
+    @torch.no_grad()
+    def _points(self, batch: dict, fitting: bool) -> tuple[Tensor, ...]:
+        """Each gene's plane: normalised u, s [V, B], the maxima [V, 1], and (fitting) the points to fit [V, B]:
+        distinct points of the 0.01 grid with ``norm_cell_distribution``, else all.
+
+        These depend on the batch only, so the last batch's are kept: training on one batch again and again (as the
+        package's epochs over one table, and bench/baselines) reuses them instead of redoing them at every step.
+        """
+        inputs = [batch[k] for k in (keys.B_GENE_IDS, keys.B_GENE_MASK, keys.B_SPLICED, keys.B_UNSPLICED,
+                                     keys.B_SPLICED_COUNTS, keys.B_UNSPLICED_COUNTS)]  # fmt: skip
+        stamp = (fitting, self.weights[0].dtype, *(x._version for x in inputs))
+        cached = self.__dict__.get("_points_cache")  # (stamp, inputs, points): the inputs held, so ids stay unique
+        if cached is not None and cached[0] == stamp and all(a is b for a, b in zip(cached[1], inputs, strict=True)):
+            return cached[2]
         u_BV, s_BV = self.dense_us(batch)
         u_VB, s_VB = u_BV.T.contiguous(), s_BV.T.contiguous()
         # a gene without counts in the batch: divide by 1 instead of 0 (all its points coincide; its cost is 0)
@@ -126,35 +216,15 @@ class CellDancerHead(Head):
         umax_V1 = torch.where(umax_V1 > 0, umax_V1, torch.ones_like(umax_V1))
         smax_V1 = torch.where(smax_V1 > 0, smax_V1, torch.ones_like(smax_V1))
         un_VB, sn_VB = u_VB / umax_V1, s_VB / smax_V1
-        if not self.training:
-            return self._predict(un_VB, sn_VB, umax_V1, smax_V1)
-        valid_VB = torch.ones_like(un_VB, dtype=torch.bool)
-        if c.norm_cell_distribution:
+        if not fitting:
+            out = (un_VB, sn_VB, umax_V1, smax_V1)
+        elif self.config.norm_cell_distribution:
             un_VB, sn_VB = torch.round(un_VB, decimals=2), torch.round(sn_VB, decimals=2)
-            valid_VB = first_occurrence(un_VB, sn_VB)
-        if c.fit_fraction < 1:
-            valid_VB = subsample(valid_VB, c.fit_fraction)
-        # compact each gene to its fitted points; networks run per block of genes with similar counts
-        n_V = valid_VB.sum(dim=1)
-        P = max(int(n_V.max()), 1)
-        pos_VP = compact_positions(valid_VB, P)
-        u_VP, s_VP = torch.gather(un_VB, 1, pos_VP), torch.gather(sn_VB, 1, pos_VP)
-        valid_VP = torch.arange(P, device=n_V.device)[None, :] < n_V[:, None]
-        # genes sorted by their number of points, so that each block of networks runs on about its own width;
-        # one gather of the weights per step (a view per block), not one per block
-        order = torch.argsort(n_V, descending=True, stable=True)
-        params = [(w[order], b[order]) for w, b in zip(self.weights, self.biases, strict=True)]
-        du_parts, ds_parts = [], []
-        for g0 in range(0, len(order), c.gene_chunk):
-            g = order[g0 : g0 + c.gene_chunk]
-            p = max(int(n_V[g].max()), 1)
-            block = [(w[g0 : g0 + c.gene_chunk], b[g0 : g0 + c.gene_chunk]) for w, b in params]
-            out = self._displacement(u_VP[g, :p], s_VP[g, :p], umax_V1[g], smax_V1[g], block)
-            du_parts.append(F.pad(out["du"], (0, P - p)))
-            ds_parts.append(F.pad(out["ds"], (0, P - p)))
-        inverse = torch.argsort(order)
-        du_VP, ds_VP = torch.cat(du_parts)[inverse], torch.cat(ds_parts)[inverse]
-        return {"u": u_VP, "s": s_VP, "du": du_VP, "ds": ds_VP, "valid": valid_VP, "u_max": umax_V1, "s_max": smax_V1}
+            out = (un_VB, sn_VB, umax_V1, smax_V1, first_occurrence(un_VB, sn_VB))
+        else:
+            out = (un_VB, sn_VB, umax_V1, smax_V1, torch.ones_like(un_VB, dtype=torch.bool))
+        self._points_cache = (stamp, inputs, out)
+        return out
 
     @torch.no_grad()
     def _predict(self, un_VB: Tensor, sn_VB: Tensor, umax_V1: Tensor, smax_V1: Tensor) -> dict[str, Tensor]:
@@ -177,8 +247,55 @@ class CellDancerHead(Head):
             outputs["u_max"], outputs["s_max"], self.config.n_neighbors, self.config.gene_chunk,
         )  # fmt: skip
         valid = outputs["valid"].to(cost_VB.dtype)
-        per_gene_V = (cost_VB * valid).sum(dim=1) / valid.sum(dim=1).clamp(min=1)
-        return LossOutput(loss=per_gene_V.sum(), parts={"cosine_cost": per_gene_V.mean()})
+        n_V = valid.sum(dim=1)
+        per_gene_V = (cost_VB * valid).sum(dim=1) / n_V.clamp(min=1)  # over the genes run (all, in evaluation)
+        parts = {"cosine_cost": per_gene_V.detach().mean() if len(per_gene_V) else per_gene_V.sum().detach()}
+        if self.training:
+            genes = outputs["genes"]
+            self.track(torch.zeros_like(self.smoothed_cost).index_copy(0, genes, per_gene_V.detach().to(self.smoothed_cost.dtype)),
+                       torch.zeros_like(self.running).index_copy(0, genes, n_V > 0))  # fmt: skip
+            parts["running_genes"] = self.running.sum().float()
+        return LossOutput(loss=per_gene_V.sum(), parts=parts)
+
+
+class GeneAdam(torch.optim.Optimizer):
+    """torch's Adam with L2 weight decay (its fused kernel) that updates only the rows (dim 0: genes) for which
+    ``rows()`` is True; the other rows, and their moments, stay as they are.
+
+    torch.optim.Adam moves every row at every step (momentum and weight decay act without a gradient), so a stopped
+    gene's weights would drift; here a step's cost also follows the genes still running.
+    """
+
+    def __init__(self, params, rows, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0):
+        super().__init__(params, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay})
+        self.rows = rows
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        from torch.optim.adam import adam
+
+        loss = closure() if closure is not None else None
+        rows = self.rows()
+        idx = None if bool(rows.all()) else rows.nonzero().squeeze(1)
+        if idx is not None and not len(idx):
+            return loss
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:  # a float step tensor, as the fused kernel wants; it counts the steps taken
+                    state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+                    state["exp_avg"], state["exp_avg_sq"] = torch.zeros_like(p), torch.zeros_like(p)
+                tensors = (p, p.grad, state["exp_avg"], state["exp_avg_sq"])
+                w, g, m, v = tensors if idx is None else (x.index_select(0, idx) for x in tensors)
+                adam([w], [g], [m], [v], [], [state["step"]], fused=True, amsgrad=False, beta1=beta1, beta2=beta2,
+                     lr=group["lr"], weight_decay=group["weight_decay"], eps=group["eps"], maximize=False)  # fmt: skip
+                if idx is not None:
+                    for dst, src in zip((p, state["exp_avg"], state["exp_avg_sq"]), (w, m, v), strict=True):
+                        dst.index_copy_(0, idx, src)
+        return loss
 
 
 def subsample(valid_VB: Tensor, fraction: float) -> Tensor:
@@ -240,20 +357,34 @@ def cosine_cost(
 
 
 def _block_cost(u, s, du, ds, valid, umax_V1, smax_V1, n_neighbors: int) -> Tensor:
-    """``cosine_cost`` on one block of genes, [V, B] each."""
+    """``cosine_cost`` on one block of genes, [V, B] each.
+
+    The neighbours, and the unit displacements toward them, do not depend on the networks; the best neighbour is
+    found without gradient, and the gradient then flows through the one cosine taken, as it does through a max.
+    """
     with torch.no_grad():
-        pts_VB2 = torch.stack([u * umax_V1, s * smax_V1], dim=-1)
-        d_VBB = torch.cdist(pts_VB2, pts_VB2)
+        du_d, ds_d = du.detach(), ds.detach()
+        pu, ps = u * umax_V1, s * smax_V1
+        d_VBB = (pu[:, :, None] - pu[:, None, :]).square_()  # squared distances, in place
+        d_VBB += (ps[:, :, None] - ps[:, None, :]).square_()
         d_VBB.masked_fill_(~valid[:, None, :], float("inf"))  # only valid points are neighbours
         d_VBB.diagonal(dim1=1, dim2=2).fill_(float("inf"))  # the cell itself is dropped, as indices[:, 1:]
         k = min(n_neighbors - 1, u.shape[1] - 1)
-        dist_VBK, idx_VBK = torch.topk(d_VBB, k, dim=2, largest=False)
+        dist_VBK, idx_VBK = torch.topk(d_VBB, k, dim=2, largest=False, sorted=False)
+        del d_VBB
         has_VBK = torch.isfinite(dist_VBK)
-    un_VBK = torch.gather(u, 1, idx_VBK.flatten(1)).view_as(idx_VBK) - u[..., None]
-    sn_VBK = torch.gather(s, 1, idx_VBK.flatten(1)).view_as(idx_VBK) - s[..., None]
-    den_VBK = torch.sqrt(un_VBK**2 + sn_VBK**2) * torch.sqrt(du**2 + ds**2)[..., None]
-    zero = den_VBK == 0  # a zero-length displacement: cosine 1, as the package
-    dot_VBK = un_VBK * du[..., None] + sn_VBK * ds[..., None]
-    cos_VBK = torch.where(zero, torch.ones_like(den_VBK), dot_VBK / den_VBK.masked_fill(zero, 1.0))
-    best_VB = cos_VBK.masked_fill(~has_VBK, -float("inf")).amax(dim=2)
-    return torch.where(torch.isfinite(best_VB) & valid, 1 - best_VB, torch.zeros_like(best_VB))
+        un_VBK = torch.gather(u, 1, idx_VBK.flatten(1)).view_as(idx_VBK) - u[..., None]
+        sn_VBK = torch.gather(s, 1, idx_VBK.flatten(1)).view_as(idx_VBK) - s[..., None]
+        norm_VBK = torch.sqrt(un_VBK**2 + sn_VBK**2)
+        # a zero-length displacement toward a neighbour gives cosine 1, as in the package: the max is then 1
+        ones_VB = ((norm_VBK == 0) & has_VBK).any(dim=2)
+        un_VBK, sn_VBK = un_VBK / norm_VBK.clamp(min=1e-30), sn_VBK / norm_VBK.clamp(min=1e-30)
+        dot_VBK = (un_VBK * du_d[..., None] + sn_VBK * ds_d[..., None]).masked_fill_(~has_VBK, -float("inf"))
+        best_VB1 = dot_VBK.argmax(dim=2, keepdim=True)
+        has_VB = has_VBK.any(dim=2)
+        eu_VB, es_VB = torch.gather(un_VBK, 2, best_VB1)[..., 0], torch.gather(sn_VBK, 2, best_VB1)[..., 0]
+    sq_VB = du**2 + ds**2
+    ones_VB = ones_VB | (sq_VB.detach() == 0)  # a zero-length prediction: every cosine is 1
+    cos_VB = (eu_VB * du + es_VB * ds) / torch.sqrt(sq_VB.masked_fill(ones_VB, 1.0))  # no 0/0 in the gradient
+    cos_VB = torch.where(ones_VB, torch.ones_like(cos_VB), cos_VB)
+    return torch.where(has_VB & valid, 1 - cos_VB, torch.zeros_like(cos_VB))

@@ -12,7 +12,7 @@ from sklearn.neighbors import NearestNeighbors
 from torch import nn
 
 from fm import keys
-from fm.baselines.celldancer import CellDancerConfig, CellDancerHead, first_occurrence
+from fm.baselines.celldancer import CellDancerConfig, CellDancerHead, GeneAdam, first_occurrence
 from fm.baselines.common import batch_from_dense, dense_counts
 from fm.baselines.scscope import ScScopeConfig, ScScopeHead
 from fm.baselines.scvi import SCVIConfig, SCVIHead
@@ -187,7 +187,7 @@ def _us_batch(n_cells=48, n_genes=5, seed=0):
 def test_celldancer_shapes_and_training():
     torch.manual_seed(0)
     batch = _us_batch()
-    head = CellDancerHead(n_genes=5)
+    head = CellDancerHead(n_genes=5, patience=0)  # no early stopping: the loss is over the same genes throughout
     losses = _train(head, batch, 40, optimizer=head.optimizer())
     assert losses[-1] < losses[0]
     head.eval()
@@ -218,18 +218,18 @@ def test_celldancer_genes_are_independent():
         torch.testing.assert_close(p.grad[2], g)
 
 
-def _reference_loss(head: CellDancerHead, u_CG: np.ndarray, s_CG: np.ndarray) -> float:
-    """The package's computation, one gene at a time: nn.Linear layers, sklearn kNN, its cosine rule."""
+def _reference_loss(head: CellDancerHead, u_CG: np.ndarray, s_CG: np.ndarray) -> torch.Tensor:
+    """The package's computation, one gene at a time: linear layers on gene g's weights, sklearn kNN, its cosine
+    rule (every neighbour's cosine, then the max). Differentiable in the head's weights."""
     c, total = head.config, 0.0
     for g in range(u_CG.shape[1]):
-        net = [nn.Linear(2, 100), nn.Linear(100, 100), nn.Linear(100, 3)]
-        for lin, w, b in zip(net, head.weights, head.biases, strict=True):
-            lin.weight.data, lin.bias.data = w[g].detach().T.double(), b[g, 0].detach().double()
+        layers = [(w[g].T, b[g, 0]) for w, b in zip(head.weights, head.biases, strict=True)]
         u, s = torch.tensor(u_CG[:, g], dtype=torch.float64), torch.tensor(s_CG[:, g], dtype=torch.float64)
         umax, smax = u.max(), s.max()
         un, sn = u / umax, s / smax
-        x = torch.nn.functional.leaky_relu(net[0](torch.stack([un, sn]).T))
-        out = torch.sigmoid(net[2](torch.nn.functional.leaky_relu(net[1](x))))
+        x = torch.nn.functional.leaky_relu(torch.nn.functional.linear(torch.stack([un, sn]).T, *layers[0]))
+        x = torch.nn.functional.leaky_relu(torch.nn.functional.linear(x, *layers[1]))
+        out = torch.sigmoid(torch.nn.functional.linear(x, *layers[2]))
         beta, gamma, alpha = out[:, 0], out[:, 1] * umax / smax, out[:, 2] * umax * 2
         uv, sv = (alpha - beta * un) * c.dt, (beta * un - gamma * sn) * c.dt
         points = np.stack([u.numpy(), s.numpy()], 1)
@@ -237,20 +237,94 @@ def _reference_loss(head: CellDancerHead, u_CG: np.ndarray, s_CG: np.ndarray) ->
         indices = torch.tensor(nbrs.kneighbors(points)[1])  # the cell itself first, then 29 others
         unv, snv = un[indices.T[1:]] - un, sn[indices.T[1:]] - sn
         den = torch.sqrt(unv**2 + snv**2) * torch.sqrt(uv**2 + sv**2)
-        den[den == 0] = -1
-        cosine = torch.where(den != -1, (unv * uv + snv * sv) / den, torch.tensor(1.0, dtype=torch.float64))
-        total += torch.mean(1 - torch.max(cosine, 0)[0]).item()
+        zero = den == 0
+        cosine = torch.where(zero, torch.tensor(1.0, dtype=torch.float64),
+                             (unv * uv + snv * sv) / den.masked_fill(zero, 1.0))  # fmt: skip
+        total = total + torch.mean(1 - torch.max(cosine, 0)[0])
     return total
 
 
-def test_celldancer_loss_matches_slow_reference():
+def test_celldancer_loss_and_gradient_match_slow_reference():
     torch.manual_seed(0)
     batch = _us_batch(n_cells=45, n_genes=4, seed=3)
     head = CellDancerHead(n_genes=4, norm_cell_distribution=False, gene_chunk=3).double()
     batch = {**batch, **{k: batch[k].double() for k in (keys.B_UNSPLICED, keys.B_SPLICED)}}
-    loss = head.loss(batch, head(batch, None)).loss.item()
+    loss = head.loss(batch, head(batch, None)).loss
+    loss.backward()
+    grads = [p.grad.clone() for p in head.parameters()]
+    head.zero_grad()
     u_dense, s_dense = head.dense_us(batch)
-    assert loss == pytest.approx(_reference_loss(head, u_dense.numpy(), s_dense.numpy()), rel=1e-9)
+    reference = _reference_loss(head, u_dense.numpy(), s_dense.numpy())
+    assert loss.item() == pytest.approx(reference.item(), rel=1e-9)
+    reference.backward()
+    for got, p in zip(grads, head.parameters(), strict=True):
+        torch.testing.assert_close(got, p.grad, rtol=1e-7, atol=1e-10)
+
+
+def test_gene_adam_is_torch_adam_on_running_rows_and_leaves_the_others():
+    torch.manual_seed(0)
+    shapes = [(6, 2, 5), (6, 1, 5)]
+    ours = [nn.Parameter(torch.randn(*s)) for s in shapes]
+    ref = [nn.Parameter(p.detach().clone()) for p in ours]
+    running = torch.ones(6, dtype=torch.bool)
+    opt = GeneAdam(ours, lambda: running, lr=1e-2, weight_decay=4e-3)
+    ref_opt = torch.optim.Adam(ref, lr=1e-2, weight_decay=4e-3)
+    for step in range(6):
+        if step == 3:
+            running[[1, 4]] = False  # two genes stop: rows 1 and 4 stay, the others go on as torch's Adam
+            frozen = [p[[1, 4]].detach().clone() for p in ours]
+            moments = [opt.state[p]["exp_avg"][[1, 4]].clone() for p in ours]
+        for p, q in zip(ours, ref, strict=True):
+            g = torch.randn_like(p)
+            p.grad, q.grad = g.clone(), g.clone()
+        opt.step()
+        ref_opt.step()
+    keep = torch.tensor([0, 2, 3, 5])
+    for p, q, f, m in zip(ours, ref, frozen, moments, strict=True):
+        torch.testing.assert_close(p[keep], q[keep])
+        assert torch.equal(p[[1, 4]], f) and torch.equal(opt.state[p]["exp_avg"][[1, 4]], m)
+        assert not torch.allclose(q[[1, 4]], f)  # torch's Adam would have moved them
+
+
+def test_celldancer_early_stopping_follows_the_package_rule():
+    """Smoothed cost 0.9 · cost + 0.1 · previous; a check every 10 steps; 3 checks without a new best stop a gene."""
+    head = CellDancerHead(n_genes=3)
+    has = torch.tensor([True, True, False])
+    for step in range(1, 61):
+        # gene 0 keeps improving; gene 1 is flat after its first check; gene 2 never has points
+        head.track(torch.tensor([1.0 / step, 0.5, 0.0]), has)
+        if step == 10:
+            assert head.running.all()
+    assert head.running.tolist() == [True, False, False]
+    assert head.stopped_at.tolist() == [-1, 40, 30]  # best at 10, then 20, 30, 40 without: stopped at 40
+    assert head.smoothed_cost[0].item() == pytest.approx(0.9 / 60 + 0.1 * (0.9 / 59 + 0.1 * (0.9 / 58)), rel=1e-2)
+
+
+def test_celldancer_stopped_genes_are_not_run_and_keep_their_weights():
+    torch.manual_seed(0)
+    batch = _us_batch(n_genes=5)
+    head = CellDancerHead(n_genes=5)
+    head.running[[0, 3]] = False
+    before = [p[[0, 3]].detach().clone() for p in head.parameters()]
+    _train(head, batch, 5, optimizer=head.optimizer())
+    out = head(batch, None)
+    assert out["genes"].tolist() == [1, 2, 4] and out["du"].shape[0] == 3
+    for p, b in zip(head.parameters(), before, strict=True):
+        assert torch.equal(p[[0, 3]], b)
+    head.eval()
+    assert head(batch, None)["velocity"].shape == (48, 5)  # every gene predicts, the stopped ones with their weights
+
+
+def test_celldancer_reuses_a_batch_points_only_while_it_is_unchanged():
+    batch = _us_batch(n_genes=5)
+    head = CellDancerHead(n_genes=5)
+    first = head._points(batch, fitting=True)
+    assert head._points(batch, fitting=True) is first
+    batch[keys.B_SPLICED_COUNTS].mul_(2)  # an in-place change: the points are redone
+    batch[keys.B_SPLICED].copy_(torch.log1p(torch.expm1(batch[keys.B_SPLICED]) * 2))
+    again = head._points(batch, fitting=True)
+    assert again is not first and not torch.equal(again[3], first[3])  # s_max doubled
+    assert head._points({**batch}, fitting=True) is again  # a new dict of the same tensors: the same points
 
 
 def test_celldancer_first_occurrence_matches_unique():
