@@ -251,11 +251,19 @@ class CellDancerHead(Head):
         per_gene_V = (cost_VB * valid).sum(dim=1) / n_V.clamp(min=1)  # over the genes run (all, in evaluation)
         parts = {"cosine_cost": per_gene_V.detach().mean() if len(per_gene_V) else per_gene_V.sum().detach()}
         if self.training:
-            genes = outputs["genes"]
-            self.track(torch.zeros_like(self.smoothed_cost).index_copy(0, genes, per_gene_V.detach().to(self.smoothed_cost.dtype)),
+            genes, cost_V = outputs["genes"], torch.zeros_like(self.smoothed_cost)
+            self.track(cost_V.index_copy(0, genes, per_gene_V.detach().to(cost_V.dtype)),
                        torch.zeros_like(self.running).index_copy(0, genes, n_V > 0))  # fmt: skip
             parts["running_genes"] = self.running.sum().float()
-        return LossOutput(loss=per_gene_V.sum(), parts=parts)
+        loss = per_gene_V.sum()
+        if not loss.requires_grad and torch.is_grad_enabled():  # no gene ran (all stopped): a zero with a graph
+            loss = loss + 0 * sum(w.view(-1)[0] for w in self.weights)
+        return LossOutput(loss=loss, parts=parts)
+
+    @property
+    def finished(self) -> bool:
+        """Every gene has stopped early (a trainer may end the run, as the package's does)."""
+        return not bool(self.running.any())
 
 
 class GeneAdam(torch.optim.Optimizer):
@@ -338,7 +346,7 @@ def cosine_cost(
     """
     n_valid_V = valid_VB.sum(dim=1)
     gene_order = torch.argsort(n_valid_V, descending=True, stable=True)
-    blocks = []
+    blocks = [torch.zeros(0, u_VB.shape[1], dtype=u_VB.dtype, device=u_VB.device)]  # no gene: [0, B]
     for g0 in range(0, u_VB.shape[0], gene_chunk):
         g = gene_order[g0 : g0 + gene_chunk]
         n = int(n_valid_V[g].max())

@@ -106,6 +106,8 @@ class BaselineTask(L.LightningModule):
                 f"(parts={ {k: v.item() for k, v in out.parts.items()} })"
             )
         self._log_loss(out, "train", batch)
+        if getattr(self.head, "finished", False):  # cellDancer: every gene has stopped early, as its package's
+            self.trainer.should_stop = True
         return out.loss
 
     def validation_step(self, batch: dict, batch_idx: int):

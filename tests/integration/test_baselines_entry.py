@@ -74,6 +74,16 @@ def test_baseline_trains_through_finetune_entry(corpus, tmp_path, name):
         assert torch.equal(v, loaded.state_dict()[k]), k
 
 
+def test_celldancer_run_ends_when_every_gene_has_stopped(corpus, tmp_path):
+    """As the package's: genes stop early, and the run ends when the last one does, before max_steps."""
+    rec = LossRecorder()
+    overrides = ["head=celldancer", "trainer.max_steps=300", "head.check_every=2", "head.patience=1",
+                 *RECIPES["celldancer"]]  # fmt: skip
+    head = finetune.run(compose(corpus, tmp_path, *overrides), callbacks=[rec])["task"].head
+    assert head.finished and (head.stopped_at > 0).all()
+    assert len(rec.losses) == int(head.stopped_at.max()) < 300  # the step that stopped the last gene was the last
+
+
 def test_baseline_resumes_exactly(corpus, tmp_path):
     """Stop after 6 steps and resume to 12: the same losses as 12 steps uninterrupted (scVI samples and drops out)."""
     head = ["head=scvi", "head.n_epochs_kl_warmup=3", "callbacks.model_checkpoint.every_n_train_steps=6"]

@@ -315,6 +315,16 @@ def test_celldancer_stopped_genes_are_not_run_and_keep_their_weights():
     assert head(batch, None)["velocity"].shape == (48, 5)  # every gene predicts, the stopped ones with their weights
 
 
+def test_celldancer_with_every_gene_stopped_gives_a_zero_loss_that_backpropagates():
+    batch = _us_batch(n_genes=5)
+    head = CellDancerHead(n_genes=5)
+    head.running[:] = False
+    out = head.loss(batch, head(batch, None))
+    assert head.finished and out.loss.item() == 0 and out.loss.requires_grad
+    out.loss.backward()
+    assert all(torch.count_nonzero(p.grad) == 0 for p in head.weights)
+
+
 def test_celldancer_reuses_a_batch_points_only_while_it_is_unchanged():
     batch = _us_batch(n_genes=5)
     head = CellDancerHead(n_genes=5)
