@@ -32,7 +32,7 @@ from __future__ import annotations
 import logging
 import math
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pyarrow as pa
@@ -43,7 +43,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from fm import keys
 from fm.data.schema import CorpusError
 from fm.data.shards import REMAINDERS, EpochPlan, ShardReader, UnitIndex, batches_per_reader
-from fm.data.tokenize import CellBlock, TokenizerConfig, _empty, batch_nbytes, ranges, tokenize_block
+from fm.data.tokenize import CellBlock, Segments, TokenizerConfig, _empty, batch_nbytes, ranges, tokenize_block
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +69,11 @@ def _rank_and_world_size() -> tuple[int, int]:
     return 0, 1
 
 
+def _generator(seed: list[int]) -> np.random.Generator:
+    """``np.random.default_rng(seed)``, the same stream, built without its argument checks (~30% of its cost)."""
+    return np.random.Generator(np.random.PCG64(np.random.SeedSequence(seed)))
+
+
 def _as_is(batch):
     """The batches are collated already (module level so workers can pickle it)."""
     return batch
@@ -82,7 +87,7 @@ class _RingBatch:
 
     def __init__(self, worker: int, slot: int, generation: int, regions: list, fields: dict):
         self.worker, self.slot, self.generation = worker, slot, generation
-        self.regions = regions  # [(byte offset in the slot, numel, torch dtype)]
+        self.regions = regions  # [(byte offset in the slot, numel, numpy dtype string)]
         # key -> ("ring", region, element offset, shape) | ("numpy", array) sent by value | ("value", anything)
         self.fields = fields
 
@@ -117,6 +122,7 @@ class BatchRing:
     def _views(self) -> None:
         self.np_SX = self.buf_SX.numpy()
         self.generation_S = self.np_SX[:, :8].view(np.int64)[:, 0]
+        self._addr = self.np_SX.__array_interface__["data"][0] + _ALIGN  # of slot 0's first region
 
     def __getstate__(self):  # spawned workers get the shared buffer (as a handle); the numpy views are remade
         return {"n_slots": self.n_slots, "slot_nbytes": self.slot_nbytes, "buf_SX": self.buf_SX}
@@ -140,7 +146,7 @@ class BatchRing:
             numel = math.prod(shape)
             if used + numel * np_dtype.itemsize > self.slot_nbytes:  # not expected (tokenize's bound): sent as usual
                 return _empty(shape, dtype)
-            regions.append((used, numel, np_dtype))
+            regions.append((used, numel, np_dtype.str))
             out = self._region(slot, used, numel, np_dtype).reshape(shape)
             used = -(-(used + numel * np_dtype.itemsize) // _ALIGN) * _ALIGN
             return out
@@ -149,19 +155,18 @@ class BatchRing:
         return alloc
 
     def pack(self, alloc, j: int, batch: dict, worker: int) -> _RingBatch:
-        """The message for ``batch``, whose [B, G] arrays ``alloc`` placed in the slot; marks the slot written."""
+        """The message for ``batch``, whose arrays ``alloc`` placed in the slot; marks the slot written."""
         slot, fields = alloc.slot, {}
-        spans = []  # per region: [first, end) addresses
-        for off, numel, dtype in alloc.regions:
-            first = self._region(slot, off, numel, dtype).ctypes.data
-            spans.append((first, first + numel * dtype.itemsize))
+        first = self._addr + slot * self.np_SX.shape[1]
+        spans = [(first + off, first + off + numel * _ITEMSIZE[dt]) for off, numel, dt in alloc.regions]
         for k, v in batch.items():
             if not isinstance(v, torch.Tensor):
                 fields[k] = ("value", v)
                 continue
-            r = next((i for i, (lo, hi) in enumerate(spans) if lo <= v.data_ptr() < hi), None)
+            ptr = v.data_ptr()
+            r = next((i for i, (lo, hi) in enumerate(spans) if lo <= ptr < hi), None)
             if r is not None and v.is_contiguous():
-                fields[k] = ("ring", r, (v.data_ptr() - spans[r][0]) // v.element_size(), tuple(v.shape))
+                fields[k] = ("ring", r, (ptr - spans[r][0]) // v.element_size(), tuple(v.shape))
             elif v.is_shared():  # born in shared memory outside the ring: sent as a handle, as torch does
                 fields[k] = ("value", v)
             else:  # a few floats per cell: by value, no shared-memory segment
@@ -181,9 +186,9 @@ class BatchRing:
 
         check("before")
         copies = []
-        for off, numel, dtype in msg.regions:
-            dst = torch.empty(numel, dtype=_TORCH_DTYPES[dtype], pin_memory=pin)
-            np.copyto(dst.numpy(), self._region(msg.slot, off, numel, dtype))
+        for off, numel, dt in msg.regions:
+            dst = torch.empty(numel, dtype=_TORCH_DTYPES[dt], pin_memory=pin)
+            np.copyto(dst.numpy(), self._region(msg.slot, off, numel, _NUMPY_DTYPE_OF[dt]))
             copies.append(dst)
         check("after")
         out = {}
@@ -198,7 +203,10 @@ class BatchRing:
 
 _NUMPY_DTYPES = {t: torch.empty(0, dtype=t).numpy().dtype for t in (torch.float32, torch.int64, torch.int32,
                                                                      torch.bool)}
-_TORCH_DTYPES = {v: k for k, v in _NUMPY_DTYPES.items()}
+# regions name their dtype by its short string ('<f4'): a numpy dtype object costs ~10x more to pickle
+_NUMPY_DTYPE_OF = {d.str: d for d in _NUMPY_DTYPES.values()}
+_TORCH_DTYPES = {v.str: k for k, v in _NUMPY_DTYPES.items()}
+_ITEMSIZE = {d.str: d.itemsize for d in _NUMPY_DTYPES.values()}
 
 
 @dataclass
@@ -225,7 +233,9 @@ def _list_parts(arr: pa.ListArray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _scalar(arr: pa.Array) -> np.ndarray:
-    return pc.fill_null(arr, float("nan")).to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
+    if arr.null_count:  # fill_null costs a compute call even when there is nothing to fill
+        arr = pc.fill_null(arr, float("nan"))
+    return arr.to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
 
 
 def decode_unit(rb: pa.RecordBatch, where: str) -> _Unit:
@@ -262,38 +272,84 @@ def decode_unit(rb: pa.RecordBatch, where: str) -> _Unit:
     )
 
 
+_FLAT_FIELDS = ("gene_index", "spliced", "unspliced", "velocity", "velocity_u")
+
+
+@dataclass
+class _Window:
+    """Cells of decoded units, with per cell (C) its unit, its run in the unit's flat arrays and its scalars.
+
+    Built once per shuffle window, so a batch's gather is a little fancy indexing and one view per cell and array
+    (fm.data.tokenize.Segments: tokenize_block copies the cells straight from the memory map into the batch).
+    """
+
+    units: list[_Unit]
+    piece_C: np.ndarray  # int64: index into units
+    lo_C: np.ndarray  # int64: the cell's run [lo, hi) in its unit's flat arrays
+    hi_C: np.ndarray
+    lib_s_C: np.ndarray  # float32
+    lib_u_C: np.ndarray
+    size_factor_C: np.ndarray
+    time_C: np.ndarray
+    names_C: list[np.ndarray]  # cell_id, dataset_id, cell_type (object arrays)
+    arrays: dict[str, list[np.ndarray | None]]  # per flat field, each unit's array (None: the unit lacks a target)
+    arrays_with: frozenset[str]  # the fields some unit has
+
+    @classmethod
+    def of(cls, units: list[_Unit], piece_C: np.ndarray, row_C: np.ndarray, names_C: list[np.ndarray]) -> _Window:
+        """Cell c is row ``row_C[c]`` of ``units[piece_C[c]]``."""
+        per_cell = {k: np.empty(len(row_C), dt) for k, dt in (("offsets", np.int64), ("lib_s", np.float32),
+                    ("lib_u", np.float32), ("size_factor", np.float32), ("time", np.float32))}
+        hi_C = np.empty(len(row_C), np.int64)
+        for k, unit in enumerate(units):
+            m = piece_C == k
+            for field, out in per_cell.items():
+                out[m] = getattr(unit, field)[row_C[m]]
+            hi_C[m] = unit.offsets[row_C[m] + 1]
+        arrays = {f: [getattr(u, f) for u in units] for f in _FLAT_FIELDS}
+        arrays_with = frozenset(f for f, a in arrays.items() if any(x is not None for x in a))
+        return cls(units, piece_C, per_cell["offsets"], hi_C, per_cell["lib_s"], per_cell["lib_u"],
+                   per_cell["size_factor"], per_cell["time"], names_C, arrays, arrays_with)
+
+    @property
+    def lens_C(self) -> np.ndarray:
+        return self.hi_C - self.lo_C
+
+    def block(self, cells: np.ndarray) -> CellBlock:
+        """The window cells ``cells`` (in that order) as a CellBlock whose flat arrays are Segments (no copy)."""
+        runs = list(zip(self.piece_C[cells].tolist(), self.lo_C[cells].tolist(), self.hi_C[cells].tolist()))
+        lens = self.hi_C[cells] - self.lo_C[cells]
+
+        def pieces(field: str, dtype) -> Segments:
+            arrays = self.arrays[field]
+            return Segments([arrays[p][lo:hi] for p, lo, hi in runs], dtype)
+
+        def optional(field: str) -> Segments | None:  # a target: None when no cell has it, NaN for the cells without
+            arrays = self.arrays[field]
+            if field not in self.arrays_with or all(arrays[p] is None for p, _, _ in runs):
+                return None
+            nan = np.float32(np.nan)
+            return Segments([np.full(hi - lo, nan) if arrays[p] is None else arrays[p][lo:hi] for p, lo, hi in runs],
+                            np.float32)
+
+        cell_id, dataset_id, cell_type = (x[cells].tolist() for x in self.names_C)
+        return CellBlock(
+            np.concatenate([[0], np.cumsum(lens)]), pieces("gene_index", np.int32), pieces("spliced", np.float32),
+            pieces("unspliced", np.float32), optional("velocity"), optional("velocity_u"),
+            self.lib_s_C[cells], self.lib_u_C[cells], self.size_factor_C[cells], self.time_C[cells],
+            cell_id, dataset_id, cell_type,
+        )
+
+
 def gather_block(units: list[_Unit], piece_B: np.ndarray, row_B: np.ndarray, names_B: list[np.ndarray]) -> CellBlock:
     """Copy B cells (cell b = row ``row_B[b]`` of ``units[piece_B[b]]``) into one contiguous CellBlock.
 
-    ``names_B``: the cells' cell_id, dataset_id and cell_type (object arrays, decoded once per window).
-    A cell's genes are one contiguous run of its unit's arrays, so each array is one concatenation of B slices.
+    ``names_B``: the cells' cell_id, dataset_id and cell_type (object arrays). The stream gathers through a _Window
+    it builds once per shuffle window, and leaves the cells where they lie (fm.data.tokenize.Segments).
     """
-    B = len(piece_B)
-    cells = [(units[p], int(units[p].offsets[r]), int(units[p].offsets[r + 1])) for p, r in zip(piece_B, row_B)]
-    lens = np.fromiter((hi - lo for _, lo, hi in cells), np.int64, count=B)
-    out_off = np.concatenate([[0], np.cumsum(lens)])
-
-    def concat(field: str, dtype) -> np.ndarray:
-        return np.concatenate([getattr(u, field)[lo:hi] for u, lo, hi in cells] or [np.zeros(0, dtype)])
-
-    def concat_optional(field: str) -> np.ndarray | None:
-        if all(getattr(u, field) is None for u, _, _ in cells):
-            return None
-        nan = np.float32(np.nan)
-        return np.concatenate(
-            [np.full(hi - lo, nan) if getattr(u, field) is None else getattr(u, field)[lo:hi] for u, lo, hi in cells]
-            or [np.zeros(0, np.float32)]
-        ).astype(np.float32, copy=False)
-
-    def per_cell(field: str) -> np.ndarray:
-        return np.fromiter((getattr(units[p], field)[r] for p, r in zip(piece_B, row_B)), np.float32, count=B)
-
-    cell_id, dataset_id, cell_type = (x.tolist() for x in names_B)
-    return CellBlock(
-        out_off, concat("gene_index", np.int32), concat("spliced", np.float32), concat("unspliced", np.float32),
-        concat_optional("velocity"), concat_optional("velocity_u"), per_cell("lib_s"), per_cell("lib_u"),
-        per_cell("size_factor"), per_cell("time"), cell_id, dataset_id, cell_type,
-    )
+    block = _Window.of(units, np.asarray(piece_B), np.asarray(row_B), names_B).block(np.arange(len(row_B)))
+    flat = {f"{f}_N": getattr(block, f"{f}_N") for f in _FLAT_FIELDS}
+    return replace(block, **{k: None if v is None else np.asarray(v) for k, v in flat.items()})
 
 
 class ShardedArrowDataset(IterableDataset):
@@ -398,19 +454,19 @@ class ShardedArrowDataset(IterableDataset):
         start = plan.reader_start(reader)
         for w in range(skip * B // S, -(-length // S)):
             lo, hi = w * S, min(length, (w + 1) * S)
-            units, piece_C, row_C, lens_C, names_C = self._load_window(plan, start + lo, hi - lo)
+            window = self._load_window(plan, start + lo, hi - lo)
             order = np.arange(hi - lo)
             if self.shuffle:
-                rng = np.random.default_rng([self.seed, epoch, reader, w, 0])
+                rng = _generator([self.seed, epoch, reader, w, 0])
                 order = rng.permutation(hi - lo)
                 if self.length_bucketing:
-                    order = order[np.argsort(lens_C[order], kind="stable")].reshape(-1, B)
+                    order = order[np.argsort(window.lens_C[order], kind="stable")].reshape(-1, B)
                     order = order[rng.permutation(len(order))].reshape(-1)
             first = w * S // B
             for b in range(max(skip, first), first + (hi - lo) // B):
                 cells = order[(b - first) * B: (b - first + 1) * B]
-                block = gather_block(units, piece_C[cells], row_C[cells], [x[cells] for x in names_C])
-                rng = np.random.default_rng([self.seed, epoch, reader, b, 1])
+                block = window.block(cells)
+                rng = _generator([self.seed, epoch, reader, b, 1])
                 if ring is None:
                     yield tokenize_block(block, self.tokenizer, rng, targets=self.index.targets)
                     continue
@@ -419,12 +475,8 @@ class ShardedArrowDataset(IterableDataset):
                 yield ring.pack(alloc, j, batch, worker)
                 j += 1
 
-    def _load_window(self, plan: EpochPlan, start: int, length: int):
-        """Decode the units covering virtual cells [start, start + length).
-
-        Returns (units, piece_C, row_C, lens_C, names_C): per window cell its unit, row, stored-gene count, and
-        [cell_id, dataset_id, cell_type] as object arrays.
-        """
+    def _load_window(self, plan: EpochPlan, start: int, length: int) -> _Window:
+        """Decode the units covering virtual cells [start, start + length) (window cell c: virtual cell start + c)."""
         units, piece, rows, names = [], [], [], ([], [], [])
         for k, (u, lo, hi) in enumerate(plan.pieces(start, length)):
             unit = self.index.units[u]
@@ -437,12 +489,8 @@ class ShardedArrowDataset(IterableDataset):
                 out += arr.take(take).to_pylist()
             piece.append(np.full(hi - lo, k, np.int64))
             rows.append(r.astype(np.int64))
-        piece_C, row_C = np.concatenate(piece), np.concatenate(rows)
-        lens_C = np.empty(len(row_C), np.int64)
-        for k, unit in enumerate(units):
-            m = piece_C == k
-            lens_C[m] = np.diff(unit.offsets)[row_C[m]]
-        return units, piece_C, row_C, lens_C, [np.array(x, dtype=object) for x in names]
+        names_C = [np.array(x, dtype=object) for x in names]
+        return _Window.of(units, np.concatenate(piece), np.concatenate(rows), names_C)
 
     def _reader(self, path: str) -> ShardReader:
         reader = self._readers.pop(path, None) or ShardReader(path)

@@ -24,7 +24,8 @@ Binning, if any, is the model's job: the batch carries floats. Velocity targets 
 
     python -c "from fm.data.tokenize import TokenizerConfig; print(TokenizerConfig(max_genes=512))"
 
-Legend: B cells, G gene tokens per modality (padded), N stored genes of all cells of a block (CSR).
+Legend: B cells, G gene tokens per modality (padded), N stored genes of all cells of a block (CSR), K max_genes,
+M modalities (spliced, unspliced).
 """
 
 from __future__ import annotations
@@ -71,16 +72,40 @@ class TokenizerConfig:
             raise ValueError(f"TokenizerConfig.target_sum must be a positive finite number, got {self.target_sum!r}")
 
 
+class Segments:
+    """A flat [N] array held as its B cells' pieces (views into wherever they lie), for a CellBlock.
+
+    The stream's cells lie in the record batches of a shuffle window; copying them together, only for tokenize_block
+    to copy them again into padded rows, costs a pass over the batch's memory. tokenize_block copies the pieces
+    straight into the rows; whatever needs the flat array gets it from ``np.asarray`` (concatenated once, kept).
+    """
+
+    def __init__(self, pieces: list[np.ndarray], dtype):
+        self.pieces, self.dtype, self._flat = pieces, np.dtype(dtype), None
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        if self._flat is None:
+            self._flat = np.concatenate(self.pieces or [np.zeros(0, self.dtype)]).astype(self.dtype, copy=False)
+        out = self._flat if dtype is None else self._flat.astype(dtype, copy=False)
+        return out.copy() if copy else out
+
+    def __len__(self) -> int:
+        return sum(len(p) for p in self.pieces)
+
+
 @dataclass
 class CellBlock:
-    """B cells in CSR layout: cell b's stored genes are ``[offsets_B1[b], offsets_B1[b + 1])``."""
+    """B cells in CSR layout: cell b's stored genes are ``[offsets_B1[b], offsets_B1[b + 1])``.
+
+    The flat [N] arrays are numpy arrays or Segments (``np.asarray`` gives the array either way).
+    """
 
     offsets_B1: np.ndarray  # int64 [B+1]
-    gene_index_N: np.ndarray  # int32 [N], sorted within each cell
-    spliced_N: np.ndarray  # float32 [N] counts
-    unspliced_N: np.ndarray  # float32 [N] counts
-    velocity_N: np.ndarray | None  # float32 [N], NaN where unknown; None when no cell has it
-    velocity_u_N: np.ndarray | None  # float32 [N], NaN where unknown; None when no cell has it
+    gene_index_N: np.ndarray | Segments  # int32 [N], sorted within each cell
+    spliced_N: np.ndarray | Segments  # float32 [N] counts
+    unspliced_N: np.ndarray | Segments  # float32 [N] counts
+    velocity_N: np.ndarray | Segments | None  # float32 [N], NaN where unknown; None when no cell has it
+    velocity_u_N: np.ndarray | Segments | None  # float32 [N], NaN where unknown; None when no cell has it
     library_size_spliced_B: np.ndarray  # float32 [B]
     library_size_unspliced_B: np.ndarray  # float32 [B]
     size_factor_B: np.ndarray  # float32 [B], NaN where unknown
@@ -93,70 +118,85 @@ class CellBlock:
         return len(self.offsets_B1) - 1
 
 
-def _chosen_mask(block: CellBlock, cfg: TokenizerConfig, rng: np.random.Generator) -> np.ndarray | None:
-    """bool [N]: the stored genes kept, or None when every gene is kept (no cell has more than max_genes)."""
+def _long_cell_picks(block: CellBlock, cfg: TokenizerConfig,
+                     rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """The genes kept in the cells with more than max_genes stored genes, or None when there is no such cell.
+
+    Returns (long_b, pos_bK, base_b): those cells, and per cell the positions of its max_genes kept genes within the
+    cell plus ``base_b`` (ascending, so corpus order): adding each cell's start minus ``base_b`` locates them in one
+    pass.
+    """
     lens_B = np.diff(block.offsets_B1)
     long_b = np.flatnonzero(lens_B > cfg.max_genes)
     if not len(long_b):
         return None
-    starts_B = block.offsets_B1[:-1]
+    K = cfg.max_genes
     # sample max_genes of the long cells' genes, vectorised over those cells
     L = int(lens_B[long_b].max())
-    pos_bL = np.arange(L)[None, :]
-    valid_bL = pos_bL < lens_B[long_b, None]
     if cfg.gene_sampling == "random":
-        key_bL = rng.random(valid_bL.shape)
+        key_bL = rng.random((len(long_b), L))
     else:  # top_expressed: largest s + u first
-        src_bL = np.where(valid_bL, starts_B[long_b, None] + pos_bL, 0)
-        key_bL = -(block.spliced_N[src_bL] + block.unspliced_N[src_bL]).astype(np.float64)
-    key_bL[~valid_bL] = np.inf
-    keep_N = np.ones(int(block.offsets_B1[-1]), dtype=bool)
+        s_N, u_N = np.asarray(block.spliced_N), np.asarray(block.unspliced_N)
+        src_bL = np.minimum(block.offsets_B1[long_b, None] + np.arange(L), len(s_N) - 1)
+        key_bL = -(s_N[src_bL] + u_N[src_bL]).astype(np.float64)
+    for i, n in enumerate(lens_B[long_b].tolist()):
+        key_bL[i, n:] = np.inf  # past the cell's end
     # the max_genes smallest keys of a row; with distinct keys (random draws) a threshold finds that set, the same
     # as argpartition's and ~5x faster. Ties (top_expressed; a repeated draw) leave the choice to argpartition.
     if cfg.gene_sampling == "random":
-        kth_b1 = np.partition(key_bL, cfg.max_genes - 1, axis=1)[:, cfg.max_genes - 1: cfg.max_genes]
-        keep_bL = key_bL <= kth_b1
-        if np.all(np.count_nonzero(keep_bL, axis=1) == cfg.max_genes):
-            for i, b in enumerate(long_b.tolist()):
-                keep_N[starts_B[b]: starts_B[b] + lens_B[b]] = keep_bL[i, : lens_B[b]]
-            return keep_N
-    pick_bK = np.argpartition(key_bL, cfg.max_genes - 1, axis=1)[:, : cfg.max_genes]
-    for b in long_b.tolist():
-        keep_N[starts_B[b]: starts_B[b] + lens_B[b]] = False
-    keep_N[(starts_B[long_b, None] + pick_bK).ravel()] = True
-    return keep_N
+        kth_b1 = np.partition(key_bL, K - 1, axis=1)[:, K - 1: K]
+        kept = np.flatnonzero(key_bL <= kth_b1)  # row-major, so ascending within a row
+        if len(kept) == len(long_b) * K:  # every row keeps >= K, so this total means exactly K each
+            return long_b, kept.reshape(len(long_b), K), L * np.arange(len(long_b))
+    return long_b, np.sort(np.argpartition(key_bL, K - 1, axis=1)[:, :K], axis=1), np.zeros(len(long_b), np.int64)
 
 
 @dataclass
 class _Layout:
-    """Where each kept stored gene goes in the padded [B, G] batch."""
+    """Where each kept stored gene of the block goes in the padded [B, G] batch."""
 
-    lens_B: np.ndarray  # kept genes per cell
+    lens_B: np.ndarray  # tokens per cell: its kept genes ('cell'), or the panel's ('batch')
     G: int  # padded width
-    real_BG: np.ndarray  # bool, the token mask
-    take: Callable[[np.ndarray], np.ndarray]  # flat [N] array -> the kept entries, in order
-    fill: Callable[[np.ndarray, np.ndarray | None], np.ndarray]  # writes kept values [N'] into an out [B, G]
+    # put(out [B, G], values [N] (a flat array of the block, or its Segments), pad): writes the kept values into
+    # their slots and ``pad`` into every other slot, so ``out`` needs no zeroing first
+    put: Callable[[np.ndarray, np.ndarray | Segments, float], None]
+    stored_BG: Callable[[], np.ndarray]  # bool [B, G]: the slots holding one of the cell's stored genes
     panel_G: np.ndarray | None = None  # gene_set='batch': the gene ids shared by every cell
 
 
 def _cell_layout(block: CellBlock, cfg: TokenizerConfig, rng: np.random.Generator) -> _Layout:
     """gene_set='cell': each cell's own (sampled) genes, left-aligned in its row."""
-    keep_N = _chosen_mask(block, cfg, rng)
+    picks = _long_cell_picks(block, cfg, rng)
     lens_B = np.diff(block.offsets_B1)
-    if keep_N is not None:
-        lens_B = np.minimum(lens_B, cfg.max_genes)
-    G = max(1, int(lens_B.max(initial=0)))
-    bounds_B1 = np.concatenate([[0], np.cumsum(lens_B)]).tolist()
+    short_b, long_b, pos_bK, base_b = np.arange(len(lens_B)), np.zeros(0, np.int64), None, None
+    if picks is not None:
+        long_b, pos_bK, base_b = picks
+        short_b = np.flatnonzero(lens_B <= cfg.max_genes)
+    long_lens_b = lens_B[long_b]
+    lens_B = np.minimum(lens_B, cfg.max_genes)
+    src_bK = {}  # the long cells' kept genes: positions in the flat arrays ("flat") or in their pieces ("long")
+    G = max(1, int(lens_B.max(initial=0)))  # = max_genes when a cell is long, so a long cell fills its row
+    runs = list(zip(short_b.tolist(), block.offsets_B1[short_b].tolist(), block.offsets_B1[short_b + 1].tolist()))
+    long_b = list(long_b)
 
-    def fill(out_BG: np.ndarray, values_N: np.ndarray | None) -> np.ndarray:
-        if values_N is not None:
-            for b in range(len(lens_B)):  # cells are contiguous in the flat arrays: a slice copy per cell is faster
-                lo, hi = bounds_B1[b], bounds_B1[b + 1]  # than any fancy-index gather or scatter
-                out_BG[b, : hi - lo] = values_N[lo:hi]
-        return out_BG
+    def src(kind: str) -> np.ndarray:
+        if kind not in src_bK:
+            starts_b = block.offsets_B1[long_b] if kind == "flat" else np.cumsum(long_lens_b) - long_lens_b
+            src_bK[kind] = pos_bK + (starts_b - base_b)[:, None]
+        return src_bK[kind]
 
-    take = (lambda a: a) if keep_N is None else (lambda a: a[keep_N])
-    return _Layout(lens_B, G, np.arange(G)[None, :] < lens_B[:, None], take, fill)
+    def put(out_BG: np.ndarray, values_N: np.ndarray | Segments, pad: float) -> None:
+        pieces = values_N.pieces if isinstance(values_N, Segments) else None
+        for b, lo, hi in runs:  # a short cell's genes are one run: a slice copy per cell is faster than any
+            out_BG[b, : hi - lo] = values_N[lo:hi] if pieces is None else pieces[b]  # fancy-index gather or scatter
+            if hi - lo < G:
+                out_BG[b, hi - lo:] = pad
+        if long_b and pieces is None:
+            out_BG[long_b] = values_N[src("flat")]
+        elif long_b:
+            out_BG[long_b] = np.concatenate([pieces[b] for b in long_b])[src("long")]
+
+    return _Layout(lens_B, G, put, lambda: np.arange(G)[None, :] < lens_B[:, None])
 
 
 def _batch_layout(block: CellBlock, cfg: TokenizerConfig, rng: np.random.Generator) -> _Layout:
@@ -166,27 +206,29 @@ def _batch_layout(block: CellBlock, cfg: TokenizerConfig, rng: np.random.Generat
     keep_N = col_N >= 0
     G = max(1, len(panel_G))
     dest_N = np.repeat(np.arange(len(lens_B), dtype=np.int64) * G, lens_B)[keep_N] + col_N[keep_N]
-    kept_B = np.bincount(np.repeat(np.arange(len(lens_B)), lens_B)[keep_N], minlength=len(lens_B))
 
-    def fill(out_BG: np.ndarray, values_N: np.ndarray | None) -> np.ndarray:
-        if values_N is not None:
-            out_BG.reshape(-1)[dest_N] = values_N
+    def put(out_BG: np.ndarray, values_N: np.ndarray | Segments, pad: float) -> None:
+        out_BG[:] = pad
+        out_BG.reshape(-1)[dest_N] = np.asarray(values_N)[keep_N]
+
+    def stored_BG() -> np.ndarray:
+        out_BG = np.zeros((len(lens_B), G), dtype=bool)
+        out_BG.reshape(-1)[dest_N] = True
         return out_BG
 
-    real_BG = np.zeros((len(lens_B), G), dtype=bool)
-    real_BG[:, : len(panel_G)] = True
-    return _Layout(kept_B, G, real_BG, lambda a: a[keep_N], fill, panel_G)
+    return _Layout(np.full(len(lens_B), len(panel_G)), G, put, stored_BG, panel_G)
 
 
 def _batch_panel(block: CellBlock, cfg: TokenizerConfig, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """gene_set='batch': the batch's genes (sorted vocabulary indices [G]) and each stored gene's column (-1: out)."""
-    genes_N = block.gene_index_N
+    genes_N = np.asarray(block.gene_index_N)
     panel_G, union_N = np.unique(genes_N, return_inverse=True)
     if len(panel_G) > cfg.max_genes:
         if cfg.gene_sampling == "random":
             chosen = rng.choice(len(panel_G), cfg.max_genes, replace=False)
         else:  # top_expressed over the batch
-            totals = np.bincount(union_N, weights=block.spliced_N + block.unspliced_N, minlength=len(panel_G))
+            s_N, u_N = np.asarray(block.spliced_N), np.asarray(block.unspliced_N)
+            totals = np.bincount(union_N, weights=s_N + u_N, minlength=len(panel_G))
             chosen = np.argpartition(-totals, cfg.max_genes - 1)[: cfg.max_genes]
         chosen.sort()
         column = np.full(len(panel_G), -1, np.int64)
@@ -243,23 +285,25 @@ Alloc = Callable[[tuple[int, ...], torch.dtype], np.ndarray]
 
 
 def batch_nbytes(batch_size: int, cfg: TokenizerConfig, targets: tuple[str, ...]) -> int:
-    """An upper bound on the bytes of the [B, G] arrays tokenize_block allocates for ``batch_size`` cells.
+    """An upper bound on the bytes of the arrays tokenize_block allocates for ``batch_size`` cells.
 
-    G never exceeds ``cfg.max_genes``: per-gene float32 values (4 + the targets), int64 gene ids and the bool mask.
+    G never exceeds ``cfg.max_genes``: per-gene float32 values (4 + the targets), int64 gene ids and the bool mask;
+    then three float32 per cell (library sizes, time).
     """
     n_floats = 4 + sum(k in targets for k in (keys.B_VELOCITY, keys.B_VELOCITY_U))
-    return batch_size * cfg.max_genes * (4 * n_floats + 8 + 1)
+    return batch_size * cfg.max_genes * (4 * n_floats + 8 + 1) + batch_size * 3 * 4
 
 
-def _log1p(counts_N: np.ndarray, scale_N: np.ndarray) -> np.ndarray:
-    """log(1 + counts * scale) in float32.
+def _log1p_into(out_MBG: np.ndarray, counts_MBG: np.ndarray, scale_MB: np.ndarray) -> None:
+    """out = log(1 + counts * scale) in float32, a scale per modality (M) and cell.
 
     numpy's float32 log1p is not vectorised (about 6x slower than log on this path); log(1 + x) differs from it by
     < 1e-7 relative for x >= 0.01 and stays exact at 0, and normalised counts of a stored gene are rarely below that.
+    Computed over the whole padded arrays, in place: padding (count 0) gives log(1) = 0.
     """
-    x_N = counts_N * scale_N
-    x_N += np.float32(1)
-    return np.log(x_N, out=x_N)
+    np.multiply(counts_MBG, scale_MB[..., None], out=out_MBG)
+    out_MBG += np.float32(1)
+    np.log(out_MBG, out=out_MBG)
 
 
 def tokenize_block(
@@ -272,57 +316,57 @@ def tokenize_block(
 ) -> dict:
     """Turn a CellBlock into the batch dict (keys from fm.keys; see the module docstring).
 
-    Works on the flat N arrays: choose genes, normalise and log1p the kept values, then copy each cell's run into its
-    padded row. Decode cost follows the stored genes, not B x G. The float [B, G] arrays are views of one buffer
-    (three allocations per batch: floats, gene ids, and the mask when ``alloc`` is given).
+    Choose genes, copy each cell's kept counts (and targets, gene ids) from the flat N arrays into its padded row,
+    then normalise and log1p the padded count arrays in place. Decode cost follows the stored genes, not B x G. The
+    float [B, G] arrays are views of one buffer, as are the per-cell floats (four allocations per batch: per-gene
+    floats, gene ids, mask, per-cell floats).
 
     Args:
         targets: the per-gene target keys (B_VELOCITY, B_VELOCITY_U) the batch carries, NaN where a cell has none;
             the stream passes the ones its corpus has, so a pretraining corpus sends no all-NaN arrays.
-        alloc: where the [B, G] arrays are born (``alloc(shape, dtype) -> numpy array``); default: fresh memory,
-            shared memory in a loader worker. The stream passes a slot of its worker's ring (fm.data.stream), which
-            is also where the token mask then goes. At most ``batch_nbytes(B, cfg, targets)`` bytes are asked for.
+        alloc: where the arrays are born (``alloc(shape, dtype) -> numpy array``); default: fresh memory, shared
+            memory in a loader worker (the mask: fresh memory). The stream passes a slot of its worker's ring
+            (fm.data.stream), which then holds all four. At most ``batch_nbytes(B, cfg, targets)`` bytes are asked for.
     """
     lay = (_batch_layout if cfg.gene_set == "batch" else _cell_layout)(block, cfg, rng)
-    B, G, take, fill = len(lay.lens_B), lay.G, lay.take, lay.fill
+    B, G, put = len(lay.lens_B), lay.G, lay.put
     per_gene = [keys.B_SPLICED, keys.B_UNSPLICED, keys.B_SPLICED_COUNTS, keys.B_UNSPLICED_COUNTS]
     per_gene += [k for k in (keys.B_VELOCITY, keys.B_VELOCITY_U) if k in targets]
     empty = alloc or _empty
     floats_KBG = empty((len(per_gene), B, G), torch.float32)
-    floats_KBG[:] = 0
-
-    scale_s_B, scale_u_B = _scales(block, cfg)
-    s_N, u_N = take(block.spliced_N), take(block.unspliced_N)
-    values = {
-        keys.B_SPLICED: _log1p(s_N, np.repeat(scale_s_B, lay.lens_B)),
-        keys.B_UNSPLICED: _log1p(u_N, np.repeat(scale_u_B, lay.lens_B)),
-        keys.B_SPLICED_COUNTS: s_N,
-        keys.B_UNSPLICED_COUNTS: u_N,
-        keys.B_VELOCITY: None if block.velocity_N is None else take(block.velocity_N),
-        keys.B_VELOCITY_U: None if block.velocity_u_N is None else take(block.velocity_u_N),
-    }
-    for k, out_BG in zip(per_gene, floats_KBG):
-        if k in (keys.B_VELOCITY, keys.B_VELOCITY_U):
-            out_BG[:] = np.nan  # unknown at padding and for cells without the target
-        fill(out_BG, values[k])
-    floats_KBG = torch.from_numpy(floats_KBG)
+    counts_2BG = floats_KBG[2:4]
+    put(counts_2BG[0], block.spliced_N, 0)
+    put(counts_2BG[1], block.unspliced_N, 0)
+    scale_2B = np.stack(_scales(block, cfg))
+    _log1p_into(floats_KBG[:2], counts_2BG, scale_2B)
+    if not np.isfinite(scale_2B).all():  # 0 * inf: a slot without a stored gene must stay 0, not NaN
+        floats_KBG[:2, ~lay.stored_BG()] = 0
+    for k, out_BG in zip(per_gene[4:], floats_KBG[4:]):
+        values_N = block.velocity_N if k == keys.B_VELOCITY else block.velocity_u_N
+        if values_N is None:
+            out_BG[:] = np.nan
+        else:
+            put(out_BG, values_N, np.nan)  # unknown at padding and for cells without the target
+    floats_KBG = torch.from_numpy(floats_KBG).unbind(0)  # views, in one call
     ids_BG = empty((B, G), torch.int64)
-    ids_BG[:] = 0
     if lay.panel_G is not None:
-        ids_BG[:, : len(lay.panel_G)] = lay.panel_G
+        ids_BG[:] = lay.panel_G if len(lay.panel_G) else 0
     else:
-        fill(ids_BG, take(block.gene_index_N))
-    real_BG = lay.real_BG
-    if alloc is not None:
-        real_BG = alloc((B, G), torch.bool)
-        real_BG[:] = lay.real_BG
+        put(ids_BG, block.gene_index_N, 0)
+    real_BG = empty((B, G), torch.bool) if alloc is not None else np.empty((B, G), dtype=bool)
+    small = np.int16 if G < 2**15 else np.int64  # a narrower compare is 3x faster
+    np.less(np.arange(G, dtype=small), lay.lens_B.astype(small)[:, None], out=real_BG)
+    cell_3B = empty((3, B), torch.float32)  # per-cell floats in one array (in a loader worker: one ring region)
+    for out_B, values_B in zip(cell_3B, (block.library_size_spliced_B, block.library_size_unspliced_B, block.time_B)):
+        out_B[:] = values_B
+    cell_3B = torch.from_numpy(cell_3B).unbind(0)
     return {
         keys.B_GENE_IDS: torch.from_numpy(ids_BG),
         keys.B_GENE_MASK: torch.from_numpy(real_BG),
         **{k: floats_KBG[i] for i, k in enumerate(per_gene)},
-        keys.B_LIBRARY_SIZE_SPLICED: torch.from_numpy(block.library_size_spliced_B.astype(np.float32)),
-        keys.B_LIBRARY_SIZE_UNSPLICED: torch.from_numpy(block.library_size_unspliced_B.astype(np.float32)),
-        keys.B_TIME: torch.from_numpy(block.time_B.astype(np.float32)),
+        keys.B_LIBRARY_SIZE_SPLICED: cell_3B[0],
+        keys.B_LIBRARY_SIZE_UNSPLICED: cell_3B[1],
+        keys.B_TIME: cell_3B[2],
         keys.B_CELL_TYPE: list(block.cell_type),
         keys.B_CELL_ID: list(block.cell_id),
         keys.B_DATASET_ID: list(block.dataset_id),

@@ -17,7 +17,7 @@ from fm import keys
 from fm.data.datamodule import CorpusDataModule, DataConfig
 from fm.data.schema import CorpusError, load_manifest
 from fm.data.shards import EpochPlan, UnitIndex, batches_per_reader, check_shards, hash_unit_interval
-from fm.data.stream import ShardedArrowDataset, ShardedDataLoader
+from fm.data.stream import ShardedArrowDataset, ShardedDataLoader, _generator
 from fm.data.tokenize import TokenizerConfig
 from tests.stream_helpers import batch_signature as _signature
 from tests.stream_helpers import write_corpus
@@ -84,6 +84,12 @@ def test_same_seed_same_order_other_epoch_or_seed_differs(corpus):
     assert a != _epoch_cells(corpus, 2, 0, seed=1)
     flat = lambda r: sorted(c for x in r for b in x for c in b)
     assert flat(a) == flat(_epoch_cells(corpus, 2, 0, epoch=1))  # wrap: same cells per epoch modulo fill
+
+
+def test_stream_generators_are_default_rng_streams():
+    """The stream builds its generators without default_rng's checks; the draws must stay default_rng's (resume)."""
+    for seed in ([0, 0, 0, 5, 1], [7, 3, 2, 11, 0]):
+        np.testing.assert_array_equal(_generator(seed).random(8), np.random.default_rng(seed).random(8))
 
 
 def test_shuffle_mixes_within_reader_and_off_keeps_corpus_order(corpus):

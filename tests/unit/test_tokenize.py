@@ -5,12 +5,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
 
 from fm import keys
-from fm.data.tokenize import CellBlock, TokenizerConfig, tokenize_block
+from fm.data.tokenize import CellBlock, Segments, TokenizerConfig, tokenize_block
 
 
 def _block(cells: list[tuple[list[int], list[float], list[float]]], size_factor=None, velocity=False) -> CellBlock:
@@ -187,3 +189,51 @@ def test_random_sampling_keeps_the_cells_smallest_draws_even_with_ties(tied):
             tie = set(np.asarray(cells[b][0])[np.argsort(draws[i, :n], kind="stable")[:13]].tolist())
             assert kept < tie and len(tie - kept) == 1
     assert out[keys.B_GENE_MASK][1].sum() == 9
+
+
+def _as_segments(block: CellBlock) -> CellBlock:
+    """The same cells with each flat array held as per-cell pieces (as the stream passes them)."""
+    cut = lambda a: None if a is None else Segments(np.split(a, block.offsets_B1[1:-1]), a.dtype)
+    return dataclasses.replace(block, gene_index_N=cut(block.gene_index_N), spliced_N=cut(block.spliced_N),
+                               unspliced_N=cut(block.unspliced_N), velocity_N=cut(block.velocity_N),
+                               velocity_u_N=cut(block.velocity_u_N))
+
+
+def _assert_same(a: dict, b: dict) -> None:
+    assert list(a) == list(b)
+    for k in a:
+        if isinstance(a[k], torch.Tensor):
+            assert a[k].dtype == b[k].dtype and a[k].shape == b[k].shape, k
+            x, y = (a[k], b[k]) if a[k].dtype == torch.bool else (a[k].view(torch.uint8), b[k].view(torch.uint8))
+            assert torch.equal(x, y), k  # bitwise, so NaN targets compare too
+        else:
+            assert a[k] == b[k], k
+
+
+@pytest.mark.parametrize("gene_set", ["cell", "batch"])
+@pytest.mark.parametrize("sampling", ["random", "top_expressed"])
+def test_cells_as_segments_give_the_same_batch_as_flat_arrays(gene_set, sampling):
+    rng = np.random.default_rng(6)
+    cells = []
+    for n in (40, 0, 9, 57, 12, 33, 1):  # long, empty, short, and exactly max_genes cells
+        genes = np.sort(rng.choice(500, n, replace=False))
+        cells.append((genes.tolist(), rng.integers(0, 9, n).tolist(), rng.integers(0, 9, n).tolist()))
+    block = _block(cells, velocity=True)
+    cfg = TokenizerConfig(max_genes=12, gene_set=gene_set, gene_sampling=sampling)
+    flat = tokenize_block(block, cfg, np.random.default_rng(2))
+    pieces = tokenize_block(_as_segments(block), cfg, np.random.default_rng(2))
+    _assert_same(pieces, flat)
+    assert torch.isnan(flat[keys.B_VELOCITY][~flat[keys.B_GENE_MASK]]).all()  # padding: NaN targets, zero counts
+    assert (flat[keys.B_SPLICED_COUNTS][~flat[keys.B_GENE_MASK]] == 0).all()
+    np.testing.assert_array_equal(np.asarray(_as_segments(block).spliced_N), block.spliced_N)
+
+
+def test_a_tiny_library_keeps_padding_at_zero():
+    """target_sum / a tiny library overflows float32: stored genes get what the arithmetic gives, padding stays 0."""
+    block = _block(CELLS)
+    block.library_size_spliced_B[1] = 1e-40
+    with np.errstate(over="ignore", invalid="ignore"):
+        out = tokenize_block(block, TokenizerConfig(), np.random.default_rng(0))
+    s, mask = out[keys.B_SPLICED].numpy(), out[keys.B_GENE_MASK].numpy()
+    assert np.isinf(s[1, 0]) and (s[1, ~mask[1]] == 0).all()  # 5 counts * inf; two padding slots
+    np.testing.assert_allclose(s[0], np.log1p(np.array([2.0, 0.0, 8.0]) / 10 * 1e4), rtol=1e-6)
