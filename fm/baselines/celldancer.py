@@ -182,7 +182,8 @@ class CellDancerHead(Head):
         live = torch.argsort(n_R, descending=True, stable=True)[: int((n_R > 0).sum())]
         if not len(live):
             return out
-        blocks = zip(*(t[genes_R[live]].split(c.gene_chunk) for pair in zip(self.weights, self.biases) for t in pair))
+        rows, params = genes_R[live], [t for pair in zip(self.weights, self.biases, strict=True) for t in pair]
+        blocks = zip(*(t.index_select(0, rows).split(c.gene_chunk) for t in params))
         du_parts, ds_parts = [], []
         for g, block in zip(live.split(c.gene_chunk), blocks, strict=True):
             p = int(n_R[g[0]])  # the block's widest gene
@@ -244,8 +245,8 @@ class CellDancerHead(Head):
     def loss(self, batch: dict, outputs: dict[str, Tensor]) -> LossOutput:
         cost_VB = cosine_cost(
             outputs["u"], outputs["s"], outputs["du"], outputs["ds"], outputs["valid"],
-            outputs["u_max"], outputs["s_max"], self.config.n_neighbors, self.config.gene_chunk,
-        )  # fmt: skip
+            outputs["u_max"], outputs["s_max"], self.config.n_neighbors, self.config.gene_chunk, left_aligned=True,
+        )  # fmt: skip  # forward's points: valid ones first (training: compacted; evaluation: all valid)
         valid = outputs["valid"].to(cost_VB.dtype)
         n_V = valid.sum(dim=1)
         per_gene_V = (cost_VB * valid).sum(dim=1) / n_V.clamp(min=1)  # over the genes run (all, in evaluation)
@@ -335,14 +336,15 @@ def first_occurrence(u_VB: Tensor, s_VB: Tensor) -> Tensor:
 
 def cosine_cost(
     u_VB: Tensor, s_VB: Tensor, du_VB: Tensor, ds_VB: Tensor, valid_VB: Tensor,
-    umax_V1: Tensor, smax_V1: Tensor, n_neighbors: int, gene_chunk: int,
+    umax_V1: Tensor, smax_V1: Tensor, n_neighbors: int, gene_chunk: int, left_aligned: bool = False,
 ) -> Tensor:  # fmt: skip
     """cellDancer's per-cell cost [V, B]: 1 − max cosine between (du, ds) and the displacements to the neighbours.
 
     Neighbours are searched among a gene's valid points in its unnormalised (u, s) plane (the package's "embedding"),
     while the displacements are taken in the normalised plane, as the package does. Invalid points get cost 0.
     Genes are processed in blocks of similar valid-point counts, each block compacted to its valid points, so the
-    B² neighbour search runs over the distinct points only.
+    B² neighbour search runs over the distinct points only. ``left_aligned``: each gene's valid points come first
+    (as ``forward`` gives them), so a block is a slice and needs no compaction.
     """
     n_valid_V = valid_VB.sum(dim=1)
     gene_order = torch.argsort(n_valid_V, descending=True, stable=True)
@@ -352,6 +354,11 @@ def cosine_cost(
         n = int(n_valid_V[g].max())
         if n < 2:  # no gene of the block has a neighbour to compare with
             blocks.append(torch.zeros(len(g), u_VB.shape[1], dtype=u_VB.dtype, device=u_VB.device))
+            continue
+        if left_aligned:
+            u, s, du, ds = (x[g, :n] for x in (u_VB, s_VB, du_VB, ds_VB))
+            cost = _block_cost(u, s, du, ds, valid_VB[g, :n], umax_V1[g], smax_V1[g], n_neighbors)
+            blocks.append(F.pad(cost, (0, u_VB.shape[1] - n)))
             continue
         pos = compact_positions(valid_VB[g], n)  # valid points first
         u, s, du, ds = (torch.gather(x[g], 1, pos) for x in (u_VB, s_VB, du_VB, ds_VB))
@@ -377,8 +384,11 @@ def _block_cost(u, s, du, ds, valid, umax_V1, smax_V1, n_neighbors: int) -> Tens
         d_VBB += (ps[:, :, None] - ps[:, None, :]).square_()
         d_VBB.masked_fill_(~valid[:, None, :], float("inf"))  # only valid points are neighbours
         d_VBB.diagonal(dim1=1, dim2=2).fill_(float("inf"))  # the cell itself is dropped, as indices[:, 1:]
-        k = min(n_neighbors - 1, u.shape[1] - 1)
-        dist_VBK, idx_VBK = torch.topk(d_VBB, k, dim=2, largest=False, sorted=False)
+        n = u.shape[1]
+        if n <= n_neighbors:  # every other point is a neighbour: no search (self and invalid ones are at inf)
+            dist_VBK, idx_VBK = d_VBB, torch.arange(n, device=u.device).expand(*d_VBB.shape)
+        else:
+            dist_VBK, idx_VBK = torch.topk(d_VBB, n_neighbors - 1, dim=2, largest=False, sorted=False)
         del d_VBB
         has_VBK = torch.isfinite(dist_VBK)
         un_VBK = torch.gather(u, 1, idx_VBK.flatten(1)).view_as(idx_VBK) - u[..., None]

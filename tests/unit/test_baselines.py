@@ -244,9 +244,10 @@ def _reference_loss(head: CellDancerHead, u_CG: np.ndarray, s_CG: np.ndarray) ->
     return total
 
 
-def test_celldancer_loss_and_gradient_match_slow_reference():
+@pytest.mark.parametrize("n_cells", [45, 20])  # more points than neighbours (a search), and fewer (all of them)
+def test_celldancer_loss_and_gradient_match_slow_reference(n_cells):
     torch.manual_seed(0)
-    batch = _us_batch(n_cells=45, n_genes=4, seed=3)
+    batch = _us_batch(n_cells=n_cells, n_genes=4, seed=3)
     head = CellDancerHead(n_genes=4, norm_cell_distribution=False, gene_chunk=3).double()
     batch = {**batch, **{k: batch[k].double() for k in (keys.B_UNSPLICED, keys.B_SPLICED)}}
     loss = head.loss(batch, head(batch, None)).loss
