@@ -84,11 +84,18 @@ def test_celldancer_run_ends_when_every_gene_has_stopped(corpus, tmp_path):
     assert len(rec.losses) == int(head.stopped_at.max()) < 300  # the step that stopped the last gene was the last
 
 
-def test_baseline_resumes_exactly(corpus, tmp_path):
-    """Stop after 6 steps and resume to 12: the same losses as 12 steps uninterrupted (scVI samples and drops out)."""
-    head = ["head=scvi", "head.n_epochs_kl_warmup=3", "callbacks.model_checkpoint.every_n_train_steps=6"]
+@pytest.mark.parametrize("name", ["scvi", "celldancer"])
+def test_baseline_resumes_exactly(corpus, tmp_path, name):
+    """Stop after 6 steps and resume to 12: the same losses as 12 steps uninterrupted (scVI samples and drops out;
+    cellDancer samples points, and its genes stop early: a check every 2 steps, so some stop before and after 6)."""
+    recipe = {"scvi": ["head.n_epochs_kl_warmup=3"],
+              "celldancer": [*RECIPES["celldancer"], "head.check_every=2", "head.patience=1"]}[name]  # fmt: skip
+    head = [f"head={name}", *recipe, "callbacks.model_checkpoint.every_n_train_steps=6"]
     full, first, second = LossRecorder(), LossRecorder(), LossRecorder()
-    finetune.run(compose(corpus, tmp_path / "full", *head, "trainer.max_steps=12"), callbacks=[full])
+    task = finetune.run(compose(corpus, tmp_path / "full", *head, "trainer.max_steps=12"), callbacks=[full])["task"]
+    if name == "celldancer":  # the resume crosses early stops: genes stopped before step 6 and after it
+        stopped = task.head.stopped_at
+        assert ((stopped > 0) & (stopped <= 6)).any() and ((stopped > 6) | (stopped < 0)).any(), stopped
     finetune.run(compose(corpus, tmp_path / "part", *head, "trainer.max_steps=6"), callbacks=[first])
     ckpt = tmp_path / "part" / "checkpoints" / "last.ckpt"
     finetune.run(compose(corpus, tmp_path / "part", *head, "trainer.max_steps=12", f"ckpt_path={ckpt}"),
