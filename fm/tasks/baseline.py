@@ -9,9 +9,11 @@ baseline models every gene of the vocabulary densely (fm.baselines.common.densif
 must be a token: ``data.max_genes`` must be at least the vocabulary size (checked by :func:`check_data`). Each
 baseline trains with its own paper's or package's optimiser (the head's ``optimizer()``: scVI Adam lr 1e-3, eps
 0.01, weight decay 1e-6; scScope Adam lr 1e-4, beta1 0.05; cellDancer Adam lr 1e-3, weight decay 4e-3), without a
-schedule; a head with ``set_epoch`` (scVI's KL warm-up) is told the stream's epoch at the start of each. A training
-step draws its random numbers from a seed of (seed, step), so a resumed run repeats an uninterrupted one. Checkpoints
-carry ``checkpoint["fm"]`` with the head's name and config, the vocabulary hash and the RNG states.
+schedule and without the trainer's gradient clipping (none of the three packages clips; and a norm taken over all of
+cellDancer's genes at once would couple genes that train independently); a head with ``set_epoch`` (scVI's KL
+warm-up) is told the stream's epoch at the start of each. A training step draws its random numbers from a seed of
+(seed, step), so a resumed run repeats an uninterrupted one. Checkpoints carry ``checkpoint["fm"]`` with the head's
+name and config, the vocabulary hash and the RNG states.
 """
 
 from __future__ import annotations
@@ -120,6 +122,9 @@ class BaselineTask(L.LightningModule):
 
     def configure_optimizers(self):
         return self.head.optimizer()  # the baseline's own recipe, constant learning rate
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        """No clipping, whatever ``trainer.gradient_clip_val`` says: the baselines' recipes have none."""
 
     def on_fit_start(self) -> None:
         if self.trainer.is_global_zero:

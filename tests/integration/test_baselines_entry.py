@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import lightning as L
 import pytest
 import torch
 
@@ -82,6 +83,35 @@ def test_celldancer_run_ends_when_every_gene_has_stopped(corpus, tmp_path):
     head = finetune.run(compose(corpus, tmp_path, *overrides), callbacks=[rec])["task"].head
     assert head.finished and (head.stopped_at > 0).all()
     assert len(rec.losses) == int(head.stopped_at.max()) < 300  # the step that stopped the last gene was the last
+
+
+class GradNorms(L.Callback):
+    """The gradient norm before the trainer's clipping (on_before_optimizer_step) and after the step (clipping is in
+    place; the next step's closure zeroes the gradients only later)."""
+
+    def __init__(self):
+        self.before, self.at_step = [], []
+
+    @staticmethod
+    def _norm(optimizer) -> float:
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.at_step.append(self._norm(trainer.optimizers[0]))
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        self.before.append(self._norm(optimizer))
+
+
+def test_baselines_are_not_gradient_clipped(corpus, tmp_path):
+    """The trainer config clips at norm 1 (for the decoders); a baseline trains with its package's recipe, no clip."""
+    rec = GradNorms()
+    cfg = compose(corpus, tmp_path, "head=scvi", "trainer.max_steps=4", *RECIPES["scvi"])
+    assert cfg.trainer.gradient_clip_val == 1.0
+    finetune.run(cfg, callbacks=[rec])
+    assert len(rec.at_step) == 4 and max(rec.before) > 1.0  # clipping at 1 would have changed these norms
+    assert rec.at_step == pytest.approx(rec.before, rel=1e-6)
 
 
 @pytest.mark.parametrize("name", ["scvi", "celldancer"])
