@@ -252,14 +252,21 @@ class CellDancerHead(Head):
         per_gene_V = (cost_VB * valid).sum(dim=1) / n_V.clamp(min=1)  # over the genes run (all, in evaluation)
         parts = {"cosine_cost": per_gene_V.detach().mean() if len(per_gene_V) else per_gene_V.sum().detach()}
         if self.training:
-            genes, cost_V = outputs["genes"], torch.zeros_like(self.smoothed_cost)
-            self.track(cost_V.index_copy(0, genes, per_gene_V.detach().to(cost_V.dtype)),
-                       torch.zeros_like(self.running).index_copy(0, genes, n_V > 0))  # fmt: skip
+            self._track_batch(outputs["genes"], (cost_VB * valid).sum(dim=1).detach(), n_V.detach())
             parts["running_genes"] = self.running.sum().float()
         loss = per_gene_V.sum()
         if not loss.requires_grad and torch.is_grad_enabled():  # no gene ran (all stopped): a zero with a graph
             loss = loss + 0 * sum(w.view(-1)[0] for w in self.weights)
         return LossOutput(loss=loss, parts=parts)
+
+    def _track_batch(self, genes_R: Tensor, cost_sum_R: Tensor, n_R: Tensor) -> None:
+        """Early stopping on each gene's mean cost over the global batch: under torch.distributed the ranks' sums
+        are added first, so every rank stops the same genes and the ranks' weights stay equal."""
+        both = torch.zeros(2, len(self.running), dtype=self.smoothed_cost.dtype, device=self.running.device)
+        both = both.index_copy(1, genes_R, torch.stack([cost_sum_R, n_R]).to(both.dtype))
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(both)
+        self.track(both[0] / both[1].clamp(min=1), both[1] > 0)
 
     @property
     def finished(self) -> bool:

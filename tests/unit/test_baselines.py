@@ -316,6 +316,53 @@ def test_celldancer_stopped_genes_are_not_run_and_keep_their_weights():
     assert head(batch, None)["velocity"].shape == (48, 5)  # every gene predicts, the stopped ones with their weights
 
 
+def _track_worker(rank: int, world: int, port: int, batches, result):
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch.set_num_threads(1)
+        torch.manual_seed(0)
+        head = CellDancerHead(n_genes=5, check_every=1, patience=1)
+        head.loss(batches[rank], head(batches[rank], None))
+        result[rank] = head.smoothed_cost.clone()
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.multiprocess
+def test_celldancer_early_stopping_sees_the_global_batch_on_every_rank():
+    """2 gloo ranks with different cells: both smooth each gene's mean cost over all cells of both, so both stop the
+    same genes (their weights would part otherwise)."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    from fm.baselines.celldancer import cosine_cost
+
+    batches = [_us_batch(n_cells=40, n_genes=5, seed=s) for s in (1, 2)]
+    torch.manual_seed(0)
+    head = CellDancerHead(n_genes=5, patience=0)
+    total, count = torch.zeros(5), torch.zeros(5)
+    for batch in batches:  # the global per-gene mean, from one process
+        out = head(batch, None)
+        cost = cosine_cost(out["u"], out["s"], out["du"], out["ds"], out["valid"], out["u_max"], out["s_max"], 30,
+                           64, left_aligned=True)  # fmt: skip
+        total += (cost * out["valid"]).sum(1).detach()
+        count += out["valid"].sum(1)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    result = mp.Manager().dict()
+    mp.spawn(_track_worker, args=(2, port, batches, result), nprocs=2, join=True)
+    torch.testing.assert_close(result[0], total / count)  # first step: the smoothed cost is the cost
+    torch.testing.assert_close(result[1], total / count)
+    assert not torch.allclose(total / count, torch.zeros(5))
+
+
 def test_celldancer_with_every_gene_stopped_gives_a_zero_loss_that_backpropagates():
     batch = _us_batch(n_genes=5)
     head = CellDancerHead(n_genes=5)
