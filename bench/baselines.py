@@ -257,8 +257,9 @@ def downsample_embedding(emb_C2: np.ndarray, step: tuple[int, int] = (200, 200),
 def train_fm_celldancer(mu_CG, ms_CG, fit_cells: np.ndarray, steps: int = 200, fraction: float = 0.125, seed: int = 0):
     """All genes at once: each step is one package epoch of every running gene, a random ``fraction`` of its distinct
     points among ``fit_cells``; genes stop early as the package's do, and the run ends when every gene has stopped or
-    after ``steps`` (the package's max_epoches). Returns the velocity [C, G] of every cell, the training seconds and
-    the step at which each gene stopped (``steps`` for a gene still running at the end)."""
+    after ``steps`` (the package's max_epoches). Returns the velocity [C, G] of every cell, the seconds of training
+    and predicting every cell (the package's ``velocity()`` does both) and the step at which each gene stopped
+    (``steps`` for a gene still running at the end)."""
     torch.manual_seed(seed)
     C, V = ms_CG.shape
     batch = batch_from_dense(ms_CG, mu_CG)
@@ -273,10 +274,10 @@ def train_fm_celldancer(mu_CG, ms_CG, fit_cells: np.ndarray, steps: int = 200, f
         opt.step()
         if not head.running.any():
             break
-    seconds = time.perf_counter() - t0
     head.eval()
     with torch.no_grad():
         velocity = head(batch, None)["velocity"].numpy()
+    seconds = time.perf_counter() - t0  # training and the prediction of every cell, as the package's velocity()
     stopped = head.stopped_at.numpy().copy()
     stopped[stopped < 0] = steps
     return velocity, seconds, stopped
@@ -322,7 +323,8 @@ def bench_celldancer_sim(n_cells: int, n_genes: int, jobs: int, package: bool) -
         f"{len(multi)} multi-kinetic genes against `velocity_true`; inputs: kNN moments (Mu, Ms), the package's "
         "embedding downsampling. fm: at most 200 steps, each 12.5% of every running gene's distinct points, genes "
         "stopped early as the package's (the package's maximum epochs, permutation ratio and early stopping); "
-        "package: its defaults. Sign accuracy over cell-gene entries, Spearman per gene.",
+        "package: its defaults. Seconds: training and predicting every cell, on both sides. Sign accuracy over "
+        "cell-gene entries, Spearman per gene.",
         "",
         "| model | sign accuracy | median Spearman | seconds | genes trained | steps (epochs) per gene |",
         "|---|---|---|---|---|---|",
@@ -351,7 +353,8 @@ def bench_celldancer_speed(package_genes: int, jobs: int, threads: int, steps: i
         f"cellDancer speed on pancreas ({C} cells, kNN moments, the package's embedding downsampling on the first two "
         f"PCs). fm: all {V} genes in one run of at most {steps} steps, each 12.5% of every running gene's distinct "
         f"points, genes stopped early as the package's (check every 10 steps, patience 3); steps per gene: "
-        f"{stop_summary(stopped)}; torch threads {threads}. Package: {package_genes} random genes, n_jobs={jobs}, "
+        f"{stop_summary(stopped)}; then the velocity of every cell (both sides' seconds include predicting); torch "
+        f"threads {threads}. Package: {package_genes} random genes, n_jobs={jobs}, "
         f"its defaults (epochs per gene: {sorted((np.asarray(res['epochs']) + 1).tolist())}), timed in the same run "
         f"and extrapolated linearly to {V} genes (not run in full); {res['missing']} of them not predicted.",
         "",

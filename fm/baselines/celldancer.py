@@ -41,6 +41,7 @@ from fm.baselines.common import check_positive, densify
 from fm.heads.base import Head, LossOutput, check_fields
 
 log = logging.getLogger(__name__)
+PREDICT_TILE = 1 << 16  # points (cell-gene pairs) per tile of the networks when predicting
 
 
 @dataclass
@@ -156,49 +157,51 @@ class CellDancerHead(Head):
                 "du": (alpha - beta * u) * c.dt, "ds": (beta * u - gamma * s) * c.dt}  # fmt: skip
 
     def forward(self, batch: dict, encoder_output=None) -> dict[str, Tensor]:
-        """Training: the fitted points of each running gene, compacted to [R, P] (``valid`` marks real ones;
-        ``genes`` [R] the running genes' indices), for ``loss``. Evaluation: per cell-gene α, β, γ (normalised plane)
-        and velocities (input units per unit time), [B, V]."""
+        """Training: the fitted points of each running gene that has some, compacted to [L, P] (``valid`` marks real
+        ones; ``genes`` [L] the genes' indices, by decreasing number of points), for ``loss``. Evaluation: per
+        cell-gene α, β, γ (normalised plane) and velocities (input units per unit time), [B, V]."""
         c = self.config
         if not self.training:
             return self._predict(*self._points(batch, fitting=False))
-        points = self._points(batch, fitting=True)
-        genes_R = self.running.nonzero().squeeze(1)  # a stopped gene is not run
-        if len(genes_R) < c.n_genes:
-            points = tuple(x.index_select(0, genes_R) for x in points)
-        un_RB, sn_RB, umax_R1, smax_R1, valid_RB = points
-        if c.fit_fraction < 1:
-            valid_RB = subsample(valid_RB, c.fit_fraction)
-        # compact each gene to its fitted points; networks run per block of genes with similar counts
-        n_R = valid_RB.sum(dim=1)
-        P = max(int(n_R.max()), 1) if len(n_R) else 1
-        pos_RP = compact_positions(valid_RB, P)
-        u_RP, s_RP = torch.gather(un_RB, 1, pos_RP), torch.gather(sn_RB, 1, pos_RP)
-        valid_RP = torch.arange(P, device=n_R.device)[None, :] < n_R[:, None]
-        out = {"u": u_RP, "s": s_RP, "du": torch.zeros_like(u_RP), "ds": torch.zeros_like(s_RP), "valid": valid_RP,
-               "u_max": umax_R1, "s_max": smax_R1, "genes": genes_R}  # fmt: skip
+        un_VB, sn_VB, umax_V1, smax_V1, gene_N, cell_N = self._points(batch, fitting=True)
+        # this step's points (N: all genes' fittable points, in gene order): running genes', a random share of them
+        keep_N = self.running[gene_N]  # a stopped gene is not run
+        if c.fit_fraction < 1:  # the package keeps round(fraction · n) of a gene's n points; a Bernoulli draw has
+            keep_N &= torch.rand(keep_N.shape, device=keep_N.device) < c.fit_fraction  # that mean, and no sort
+        gene_K, cell_K = gene_N[keep_N], cell_N[keep_N]
+        n_V = torch.bincount(gene_K, minlength=c.n_genes)
         # the genes with points, sorted by their number of points, so that each block of networks runs on about its
-        # own width; one gather of their weights per step, split into blocks (its backward is one concatenation)
-        live = torch.argsort(n_R, descending=True, stable=True)[: int((n_R > 0).sum())]
-        if not len(live):
-            return out
-        rows, params = genes_R[live], [t for pair in zip(self.weights, self.biases, strict=True) for t in pair]
-        blocks = zip(*(t.index_select(0, rows).split(c.gene_chunk) for t in params))
+        # own width; each gene's points left-aligned in its row
+        genes_L = torch.argsort(n_V, descending=True, stable=True)[: int((n_V > 0).sum())]
+        n_L = n_V[genes_L]
+        P = max(int(n_L[0]), 1) if len(genes_L) else 1
+        row_V = torch.empty_like(n_V).index_copy_(0, genes_L, torch.arange(len(genes_L), device=n_V.device))
+        slot_K = torch.arange(len(gene_K), device=n_V.device) - (torch.cumsum(n_V, 0) - n_V)[gene_K]
+        flat_K = row_V[gene_K] * P + slot_K
+        u_LP, s_LP = (un_VB.new_zeros(len(genes_L) * P).index_copy_(0, flat_K, x[gene_K, cell_K]).view(-1, P)
+                      for x in (un_VB, sn_VB))  # fmt: skip
+        valid_LP = torch.arange(P, device=n_V.device)[None, :] < n_L[:, None]
+        out = {"u": u_LP, "s": s_LP, "valid": valid_LP, "u_max": umax_V1[genes_L], "s_max": smax_V1[genes_L],
+               "genes": genes_L}  # fmt: skip
+        if not len(genes_L):
+            return {**out, "du": u_LP.clone(), "ds": s_LP.clone()}
+        # one gather of the genes' weights per step, split into blocks (its backward is one concatenation)
+        chunks = [gather_rows(t, genes_L).split(c.gene_chunk)
+                  for pair in zip(self.weights, self.biases, strict=True) for t in pair]  # fmt: skip
         du_parts, ds_parts = [], []
-        for g, block in zip(live.split(c.gene_chunk), blocks, strict=True):
-            p = int(n_R[g[0]])  # the block's widest gene
-            params = list(zip(block[0::2], block[1::2], strict=True))
-            d = self._displacement(u_RP[g, :p], s_RP[g, :p], umax_R1[g], smax_R1[g], params)
+        for i, g in enumerate(torch.arange(len(genes_L), device=n_V.device).split(c.gene_chunk)):
+            p = int(n_L[g[0]])  # the block's widest gene
+            layers = [x[i] for x in chunks]
+            block = list(zip(layers[0::2], layers[1::2], strict=True))
+            d = self._displacement(u_LP[g, :p], s_LP[g, :p], out["u_max"][g], out["s_max"][g], block)
             du_parts.append(F.pad(d["du"], (0, P - p)))
             ds_parts.append(F.pad(d["ds"], (0, P - p)))
-        out["du"] = out["du"].index_copy(0, live, torch.cat(du_parts))
-        out["ds"] = out["ds"].index_copy(0, live, torch.cat(ds_parts))
-        return out
+        return {**out, "du": torch.cat(du_parts), "ds": torch.cat(ds_parts)}
 
     @torch.no_grad()
     def _points(self, batch: dict, fitting: bool) -> tuple[Tensor, ...]:
-        """Each gene's plane: normalised u, s [V, B], the maxima [V, 1], and (fitting) the points to fit [V, B]:
-        distinct points of the 0.01 grid with ``norm_cell_distribution``, else all.
+        """Each gene's plane: normalised u, s [V, B], the maxima [V, 1], and (fitting) the points to fit as gene and
+        cell indices [N] in gene order: distinct points of the 0.01 grid with ``norm_cell_distribution``, else all.
 
         These depend on the batch only, so the last batch's are kept: training on one batch again and again (as the
         package's epochs over one table, and bench/baselines) reuses them instead of redoing them at every step.
@@ -219,22 +222,29 @@ class CellDancerHead(Head):
         un_VB, sn_VB = u_VB / umax_V1, s_VB / smax_V1
         if not fitting:
             out = (un_VB, sn_VB, umax_V1, smax_V1)
-        elif self.config.norm_cell_distribution:
-            un_VB, sn_VB = torch.round(un_VB, decimals=2), torch.round(sn_VB, decimals=2)
-            out = (un_VB, sn_VB, umax_V1, smax_V1, first_occurrence(un_VB, sn_VB))
-        else:
-            out = (un_VB, sn_VB, umax_V1, smax_V1, torch.ones_like(un_VB, dtype=torch.bool))
+        else:  # the points to fit, as (gene, cell) pairs in gene order
+            fit_VB = torch.ones_like(un_VB, dtype=torch.bool)
+            if self.config.norm_cell_distribution:
+                un_VB, sn_VB = torch.round(un_VB, decimals=2), torch.round(sn_VB, decimals=2)
+                fit_VB = first_occurrence(un_VB, sn_VB)
+            out = (un_VB, sn_VB, umax_V1, smax_V1, *fit_VB.nonzero(as_tuple=True))
         self._points_cache = (stamp, inputs, out)
         return out
 
     @torch.no_grad()
     def _predict(self, un_VB: Tensor, sn_VB: Tensor, umax_V1: Tensor, smax_V1: Tensor) -> dict[str, Tensor]:
-        c, parts = self.config, []
-        for g0 in range(0, un_VB.shape[0], c.gene_chunk):
-            g = slice(g0, g0 + c.gene_chunk)
+        c, (V, B) = self.config, un_VB.shape
+        # tiles of at most PREDICT_TILE points, so that a hidden layer (tile x 100 floats) stays in cache
+        n_genes = max(1, min(c.gene_chunk, PREDICT_TILE // max(B, 1)))
+        n_cells = max(1, PREDICT_TILE // n_genes)
+        rows = []
+        for g0 in range(0, V, n_genes):
+            g = slice(g0, g0 + n_genes)
             block = [(w[g], b[g]) for w, b in zip(self.weights, self.biases, strict=True)]
-            parts.append(self._displacement(un_VB[g], sn_VB[g], umax_V1[g], smax_V1[g], block))
-        out = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+            tiles = [self._displacement(un_VB[g, b0 : b0 + n_cells], sn_VB[g, b0 : b0 + n_cells], umax_V1[g],
+                                        smax_V1[g], block) for b0 in range(0, B, n_cells)]  # fmt: skip
+            rows.append({k: torch.cat([tile[k] for tile in tiles], dim=1) for k in tiles[0]})
+        out = {k: torch.cat([row[k] for row in rows]) for k in rows[0]}
         return {
             "u": un_VB, "s": sn_VB, "du": out["du"], "ds": out["ds"], "valid": torch.ones_like(un_VB, dtype=torch.bool),
             "u_max": umax_V1, "s_max": smax_V1,
@@ -279,12 +289,27 @@ class GeneAdam(torch.optim.Optimizer):
     ``rows()`` is True; the other rows, and their moments, stay as they are.
 
     torch.optim.Adam moves every row at every step (momentum and weight decay act without a gradient), so a stopped
-    gene's weights would drift; here a step's cost also follows the genes still running.
+    gene's weights would drift; here a step's cost also follows the genes still running. ``zero_grad`` zeroes the
+    running rows of dense gradients in place, so that the head's row-sparse gradients (``gather_rows``) add into
+    them instead of a new whole-weight tensor each step; the step reads the running rows only.
     """
 
     def __init__(self, params, rows, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0):
         super().__init__(params, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay})
         self.rows = rows
+
+    @torch.no_grad()
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        rows = self.rows()
+        idx = None if bool(rows.all()) else rows.nonzero().squeeze(1)
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None or p.grad.is_sparse:
+                    p.grad = torch.zeros_like(p)
+                elif idx is None:
+                    p.grad.zero_()
+                else:
+                    p.grad.index_fill_(0, idx, 0)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -304,7 +329,8 @@ class GeneAdam(torch.optim.Optimizer):
                 if not state:  # a float step tensor, as the fused kernel wants; it counts the steps taken
                     state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
                     state["exp_avg"], state["exp_avg_sq"] = torch.zeros_like(p), torch.zeros_like(p)
-                tensors = (p, p.grad, state["exp_avg"], state["exp_avg_sq"])
+                grad = p.grad.to_dense() if p.grad.is_sparse else p.grad  # sparse: after a module.zero_grad()
+                tensors = (p, grad, state["exp_avg"], state["exp_avg_sq"])
                 w, g, m, v = tensors if idx is None else (x.index_select(0, idx) for x in tensors)
                 adam([w], [g], [m], [v], [], [state["step"]], fused=True, amsgrad=False, beta1=beta1, beta2=beta2,
                      lr=group["lr"], weight_decay=group["weight_decay"], eps=group["eps"], maximize=False)  # fmt: skip
@@ -314,10 +340,30 @@ class GeneAdam(torch.optim.Optimizer):
         return loss
 
 
-def subsample(valid_VB: Tensor, fraction: float) -> Tensor:
-    """Keep each valid point with probability ``fraction`` (the package keeps exactly round(fraction · n) of a gene's
-    n points; a Bernoulli draw has that mean and needs no per-gene sort)."""
-    return valid_VB & (torch.rand(valid_VB.shape, device=valid_VB.device) < fraction)
+class _GatherRows(torch.autograd.Function):
+    """``weight.index_select(0, rows)`` with a row-sparse gradient (the gathered rows' only)."""
+
+    @staticmethod
+    def forward(ctx, weight: Tensor, rows: Tensor) -> Tensor:
+        ctx.save_for_backward(rows)
+        ctx.shape = weight.shape
+        return weight.index_select(0, rows)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (rows,) = ctx.saved_tensors
+        return torch.sparse_coo_tensor(rows[None], grad, ctx.shape, check_invariants=False), None
+
+
+def gather_rows(weight: Tensor, rows: Tensor) -> Tensor:
+    """Rows of a [V, ...] weight. When the weight already has a dense ``.grad`` (GeneAdam's zero_grad keeps them),
+    its gradient is row-sparse and adds into that one in place, instead of building a zero tensor of the whole
+    weight at every step; otherwise (no gradient yet, another optimiser, torch.distributed, whose reduction wants
+    dense gradients) a plain ``index_select``."""
+    dense_grad = weight.grad is not None and not weight.grad.is_sparse
+    if not dense_grad or (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return weight.index_select(0, rows)
+    return _GatherRows.apply(weight, rows)
 
 
 def compact_positions(valid_VB: Tensor, width: int) -> Tensor:
@@ -400,7 +446,7 @@ def _block_cost(u, s, du, ds, valid, umax_V1, smax_V1, n_neighbors: int) -> Tens
         has_VBK = torch.isfinite(dist_VBK)
         un_VBK = torch.gather(u, 1, idx_VBK.flatten(1)).view_as(idx_VBK) - u[..., None]
         sn_VBK = torch.gather(s, 1, idx_VBK.flatten(1)).view_as(idx_VBK) - s[..., None]
-        norm_VBK = torch.sqrt(un_VBK**2 + sn_VBK**2)
+        norm_VBK = torch.hypot(un_VBK, sn_VBK)
         # a zero-length displacement toward a neighbour gives cosine 1, as in the package: the max is then 1
         ones_VB = ((norm_VBK == 0) & has_VBK).any(dim=2)
         un_VBK, sn_VBK = un_VBK / norm_VBK.clamp(min=1e-30), sn_VBK / norm_VBK.clamp(min=1e-30)
