@@ -42,6 +42,7 @@ from fm.heads.base import Head, LossOutput, check_fields
 
 log = logging.getLogger(__name__)
 PREDICT_TILE = 1 << 16  # points (cell-gene pairs) per tile of the networks when predicting
+VIEW_ROW_NUMEL = 4096  # GeneAdam: parameters with rows this large are updated in place, run by run of running rows
 
 
 @dataclass
@@ -185,8 +186,7 @@ class CellDancerHead(Head):
                "genes": genes_L}  # fmt: skip
         if not len(genes_L):
             return {**out, "du": u_LP.clone(), "ds": s_LP.clone()}
-        # one gather of the genes' weights per step, split into blocks (its backward is one concatenation)
-        chunks = [gather_rows(t, genes_L).split(c.gene_chunk)
+        chunks = [gather_rows(t, genes_L, c.gene_chunk)
                   for pair in zip(self.weights, self.biases, strict=True) for t in pair]  # fmt: skip
         du_parts, ds_parts = [], []
         for i, g in enumerate(torch.arange(len(genes_L), device=n_V.device).split(c.gene_chunk)):
@@ -290,8 +290,10 @@ class GeneAdam(torch.optim.Optimizer):
 
     torch.optim.Adam moves every row at every step (momentum and weight decay act without a gradient), so a stopped
     gene's weights would drift; here a step's cost also follows the genes still running. ``zero_grad`` zeroes the
-    running rows of dense gradients in place, so that the head's row-sparse gradients (``gather_rows``) add into
-    them instead of a new whole-weight tensor each step; the step reads the running rows only.
+    running rows of dense gradients in place, so that the head's per-block gradients (``gather_rows``) add into
+    them instead of a new whole-weight tensor each step; the step reads the running rows only. A parameter with large
+    rows (the hidden layers' weights) is updated in place, the kernel given views of each run of consecutive running
+    rows; gathering its running rows and scattering them back cost ~10x the update itself once some genes stopped.
     """
 
     def __init__(self, params, rows, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0):
@@ -320,8 +322,11 @@ class GeneAdam(torch.optim.Optimizer):
         idx = None if bool(rows.all()) else rows.nonzero().squeeze(1)
         if idx is not None and not len(idx):
             return loss
+        bounds = None  # the running rows' runs, as tensor_split boundaries: [start, end, start, end, ...]
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
+            kwargs = dict(fused=True, amsgrad=False, beta1=beta1, beta2=beta2, lr=group["lr"],
+                          weight_decay=group["weight_decay"], eps=group["eps"], maximize=False)  # fmt: skip
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -331,39 +336,60 @@ class GeneAdam(torch.optim.Optimizer):
                     state["exp_avg"], state["exp_avg_sq"] = torch.zeros_like(p), torch.zeros_like(p)
                 grad = p.grad.to_dense() if p.grad.is_sparse else p.grad  # sparse: after a module.zero_grad()
                 tensors = (p, grad, state["exp_avg"], state["exp_avg_sq"])
-                w, g, m, v = tensors if idx is None else (x.index_select(0, idx) for x in tensors)
-                adam([w], [g], [m], [v], [], [state["step"]], fused=True, amsgrad=False, beta1=beta1, beta2=beta2,
-                     lr=group["lr"], weight_decay=group["weight_decay"], eps=group["eps"], maximize=False)  # fmt: skip
-                if idx is not None:
+                if idx is None:
+                    adam(*([x] for x in tensors), [], [state["step"]], **kwargs)
+                elif p[0].numel() >= VIEW_ROW_NUMEL:  # large rows: the kernel runs in place on views of the runs
+                    if bounds is None:
+                        edge = torch.diff(rows.to(torch.int8), prepend=rows.new_zeros(1, dtype=torch.int8),
+                                          append=rows.new_zeros(1, dtype=torch.int8))  # fmt: skip
+                        bounds = edge.nonzero().squeeze(1).tolist()
+                    views = [list(x.tensor_split(bounds)[1::2]) for x in tensors]
+                    steps = list(state["step"].repeat(len(views[0])).unbind())  # each view's own, all equal
+                    adam(*views, [], steps, **kwargs)
+                    state["step"] += 1
+                else:  # small rows: gather the running ones, update, scatter back
+                    w, g, m, v = (x.index_select(0, idx) for x in tensors)
+                    adam([w], [g], [m], [v], [], [state["step"]], **kwargs)
                     for dst, src in zip((p, state["exp_avg"], state["exp_avg_sq"]), (w, m, v), strict=True):
                         dst.index_copy_(0, idx, src)
         return loss
 
 
 class _GatherRows(torch.autograd.Function):
-    """``weight.index_select(0, rows)`` with a row-sparse gradient (the gathered rows' only)."""
+    """``weight.index_select(0, rows)`` whose gradient is added into the rows of ``weight.grad`` in place.
+
+    The head gathers each block of genes on its own; returned as sparse tensors, the blocks' gradients would be
+    summed by autograd into a dense whole-weight tensor per block (~1.5x a step's cost). Adding them into the
+    dense ``.grad`` that GeneAdam keeps is what the accumulation would do, without it (hooks on the parameter's
+    gradient are not run; ``gather_rows`` uses this only outside torch.distributed).
+    """
 
     @staticmethod
     def forward(ctx, weight: Tensor, rows: Tensor) -> Tensor:
         ctx.save_for_backward(rows)
-        ctx.shape = weight.shape
+        ctx.weight = weight
         return weight.index_select(0, rows)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         (rows,) = ctx.saved_tensors
-        return torch.sparse_coo_tensor(rows[None], grad, ctx.shape, check_invariants=False), None
+        if ctx.weight.grad is None or ctx.weight.grad.is_sparse:  # reset since the forward (module.zero_grad())
+            return torch.sparse_coo_tensor(rows[None], grad, ctx.weight.shape, check_invariants=False), None
+        ctx.weight.grad.index_add_(0, rows, grad)
+        return None, None
 
 
-def gather_rows(weight: Tensor, rows: Tensor) -> Tensor:
-    """Rows of a [V, ...] weight. When the weight already has a dense ``.grad`` (GeneAdam's zero_grad keeps them),
-    its gradient is row-sparse and adds into that one in place, instead of building a zero tensor of the whole
-    weight at every step; otherwise (no gradient yet, another optimiser, torch.distributed, whose reduction wants
-    dense gradients) a plain ``index_select``."""
+def gather_rows(weight: Tensor, rows: Tensor, block: int) -> list[Tensor]:
+    """Rows of a [V, ...] weight, in blocks of ``block`` rows. When the weight already has a dense ``.grad``
+    (GeneAdam's zero_grad keeps them), each block is gathered on its own with a row-sparse gradient that adds into
+    that one in place: a block's rows are then fresh in cache for its matmuls, and the backward neither builds a
+    zero tensor of the whole weight nor concatenates the blocks. Otherwise (no gradient yet, another optimiser,
+    torch.distributed, whose reduction wants dense gradients) one plain ``index_select``, split: a dense gradient per
+    block would be a whole-weight tensor each."""
     dense_grad = weight.grad is not None and not weight.grad.is_sparse
     if not dense_grad or (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return weight.index_select(0, rows)
-    return _GatherRows.apply(weight, rows)
+        return list(weight.index_select(0, rows).split(block))
+    return [_GatherRows.apply(weight, r) for r in rows.split(block)]
 
 
 def compact_positions(valid_VB: Tensor, width: int) -> Tensor:

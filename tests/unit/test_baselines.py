@@ -12,7 +12,7 @@ from sklearn.neighbors import NearestNeighbors
 from torch import nn
 
 from fm import keys
-from fm.baselines.celldancer import CellDancerConfig, CellDancerHead, GeneAdam, first_occurrence
+from fm.baselines.celldancer import VIEW_ROW_NUMEL, CellDancerConfig, CellDancerHead, GeneAdam, first_occurrence
 from fm.baselines.common import batch_from_dense, dense_counts
 from fm.baselines.scscope import ScScopeConfig, ScScopeHead
 from fm.baselines.scvi import SCVIConfig, SCVIHead
@@ -262,9 +262,13 @@ def test_celldancer_loss_and_gradient_match_slow_reference(n_cells):
         torch.testing.assert_close(got, p.grad, rtol=1e-7, atol=1e-10)
 
 
-def test_gene_adam_is_torch_adam_on_running_rows_and_leaves_the_others():
+@pytest.mark.parametrize("stop", [[1, 4], [0, 5], [0, 1, 2]])
+def test_gene_adam_is_torch_adam_on_running_rows_and_leaves_the_others(stop):
+    """Small rows (gathered and scattered back) and a 64 x 64 row (updated in place, run by run of running rows),
+    with stopped rows inside, at the ends, and a leading run of them."""
     torch.manual_seed(0)
-    shapes = [(6, 2, 5), (6, 1, 5)]
+    shapes = [(6, 2, 5), (6, 1, 5), (6, 64, 64)]
+    assert 64 * 64 >= VIEW_ROW_NUMEL > 2 * 5
     ours = [nn.Parameter(torch.randn(*s)) for s in shapes]
     ref = [nn.Parameter(p.detach().clone()) for p in ours]
     running = torch.ones(6, dtype=torch.bool)
@@ -272,19 +276,21 @@ def test_gene_adam_is_torch_adam_on_running_rows_and_leaves_the_others():
     ref_opt = torch.optim.Adam(ref, lr=1e-2, weight_decay=4e-3)
     for step in range(6):
         if step == 3:
-            running[[1, 4]] = False  # two genes stop: rows 1 and 4 stay, the others go on as torch's Adam
-            frozen = [p[[1, 4]].detach().clone() for p in ours]
-            moments = [opt.state[p]["exp_avg"][[1, 4]].clone() for p in ours]
+            running[stop] = False  # these genes stop: their rows stay, the others go on as torch's Adam
+            frozen = [p[stop].detach().clone() for p in ours]
+            moments = [(opt.state[p]["exp_avg"][stop].clone(), opt.state[p]["exp_avg_sq"][stop].clone()) for p in ours]
         for p, q in zip(ours, ref, strict=True):
             g = torch.randn_like(p)
             p.grad, q.grad = g.clone(), g.clone()
         opt.step()
         ref_opt.step()
-    keep = torch.tensor([0, 2, 3, 5])
-    for p, q, f, m in zip(ours, ref, frozen, moments, strict=True):
+    keep = torch.tensor([i for i in range(6) if i not in stop])
+    for p, q, f, (m, v) in zip(ours, ref, frozen, moments, strict=True):
         torch.testing.assert_close(p[keep], q[keep])
-        assert torch.equal(p[[1, 4]], f) and torch.equal(opt.state[p]["exp_avg"][[1, 4]], m)
-        assert not torch.allclose(q[[1, 4]], f)  # torch's Adam would have moved them
+        assert torch.equal(p[stop], f)
+        assert torch.equal(opt.state[p]["exp_avg"][stop], m) and torch.equal(opt.state[p]["exp_avg_sq"][stop], v)
+        assert not torch.allclose(q[stop], f)  # torch's Adam would have moved them
+        assert opt.state[p]["step"].item() == 6
 
 
 def test_celldancer_early_stopping_follows_the_package_rule():
@@ -364,15 +370,15 @@ def test_celldancer_early_stopping_sees_the_global_batch_on_every_rank():
 
 
 def test_celldancer_row_sparse_gradient_equals_the_dense_one(monkeypatch):
-    """Once GeneAdam keeps dense gradients, the weights' gradient comes row-sparse and adds into them in place:
-    the same gradient as the plain gather's, with two genes stopped (their rows keep what they had)."""
+    """Once GeneAdam keeps dense gradients, each block's weight gradient adds into them in place: the same gradient
+    as the plain gather's, with two genes stopped (their rows keep what they had)."""
     import fm.baselines.celldancer as celldancer
 
     batch = _us_batch(n_genes=5)
     heads = []
     for _ in range(2):
         torch.manual_seed(0)
-        heads.append(CellDancerHead(n_genes=5, patience=0))
+        heads.append(CellDancerHead(n_genes=5, patience=0, gene_chunk=2))  # 3 running genes: blocks of 2 and 1
         heads[-1].running[[0, 3]] = False
     sparse, dense = heads
     calls = []
@@ -384,7 +390,7 @@ def test_celldancer_row_sparse_gradient_equals_the_dense_one(monkeypatch):
     sparse.loss(batch, sparse(batch, None)).loss.backward()
     torch.manual_seed(1)
     dense.loss(batch, dense(batch, None)).loss.backward()
-    assert len(calls) == 6  # every weight and bias went the sparse way
+    assert len(calls) == 12  # every weight and bias of both blocks went the in-place way
     for a, b in zip(sparse.parameters(), dense.parameters(), strict=True):
         assert not a.grad.is_sparse
         torch.testing.assert_close(a.grad[[1, 2, 4]], b.grad[[1, 2, 4]])
