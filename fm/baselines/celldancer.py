@@ -453,33 +453,38 @@ def cosine_cost(
 def _block_cost(u, s, du, ds, valid, umax_V1, smax_V1, n_neighbors: int) -> Tensor:
     """``cosine_cost`` on one block of genes, [V, B] each.
 
-    The neighbours, and the unit displacements toward them, do not depend on the networks; the best neighbour is
-    found without gradient, and the gradient then flows through the one cosine taken, as it does through a max.
+    The neighbours, and the displacements toward them, do not depend on the networks; the best neighbour is found
+    without gradient (the largest dot product with the predicted displacement over the neighbour's distance: the
+    cosine times a positive factor), and the gradient then flows through the one cosine taken, as it does through a
+    max. Few passes over the [V, B, K] neighbour arrays: they are the step's largest after the distances.
     """
     with torch.no_grad():
-        du_d, ds_d = du.detach(), ds.detach()
-        pu, ps = u * umax_V1, s * smax_V1
-        d_VBB = (pu[:, :, None] - pu[:, None, :]).square_()  # squared distances, in place
+        n, inf = u.shape[1], float("inf")
+        # invalid points placed at infinity: no valid point has them as neighbours (their own rows are not scored)
+        pu, ps = (x.masked_fill(~valid, inf) for x in (u * umax_V1, s * smax_V1))
+        d_VBB = (pu[:, :, None] - pu[:, None, :]).square_()  # squared distances, in place (NaN between two invalid)
         d_VBB += (ps[:, :, None] - ps[:, None, :]).square_()
-        d_VBB.masked_fill_(~valid[:, None, :], float("inf"))  # only valid points are neighbours
-        d_VBB.diagonal(dim1=1, dim2=2).fill_(float("inf"))  # the cell itself is dropped, as indices[:, 1:]
-        n = u.shape[1]
+        d_VBB.diagonal(dim1=1, dim2=2).fill_(inf)  # the cell itself is dropped, as indices[:, 1:]
         if n <= n_neighbors:  # every other point is a neighbour: no search (self and invalid ones are at inf)
             dist_VBK, idx_VBK = d_VBB, torch.arange(n, device=u.device).expand(*d_VBB.shape)
         else:
             dist_VBK, idx_VBK = torch.topk(d_VBB, n_neighbors - 1, dim=2, largest=False, sorted=False)
-        del d_VBB
-        has_VBK = torch.isfinite(dist_VBK)
-        un_VBK = torch.gather(u, 1, idx_VBK.flatten(1)).view_as(idx_VBK) - u[..., None]
-        sn_VBK = torch.gather(s, 1, idx_VBK.flatten(1)).view_as(idx_VBK) - s[..., None]
-        norm_VBK = torch.hypot(un_VBK, sn_VBK)
+        # after a search every valid point has n_neighbors - 1 valid ones when each gene has n_neighbors points
+        few = n <= n_neighbors or int(valid.sum(dim=1).min()) < n_neighbors
+        has_VBK = torch.isfinite(dist_VBK) if few else None
         # a zero-length displacement toward a neighbour gives cosine 1, as in the package: the max is then 1
-        ones_VB = ((norm_VBK == 0) & has_VBK).any(dim=2)
-        un_VBK, sn_VBK = un_VBK / norm_VBK.clamp(min=1e-30), sn_VBK / norm_VBK.clamp(min=1e-30)
-        dot_VBK = (un_VBK * du_d[..., None] + sn_VBK * ds_d[..., None]).masked_fill_(~has_VBK, -float("inf"))
+        ones_VB = dist_VBK.amin(dim=2) == 0
+        del d_VBB, dist_VBK
+        un_VBK = torch.gather(u, 1, idx_VBK.flatten(1)).view_as(idx_VBK).sub_(u[..., None])
+        sn_VBK = torch.gather(s, 1, idx_VBK.flatten(1)).view_as(idx_VBK).sub_(s[..., None])
+        norm_VBK = torch.hypot(un_VBK, sn_VBK).clamp_(min=1e-30)
+        dot_VBK = (un_VBK * du.detach()[..., None]).addcmul_(sn_VBK, ds.detach()[..., None]).div_(norm_VBK)
+        if has_VBK is not None:
+            dot_VBK.masked_fill_(~has_VBK, -inf)
         best_VB1 = dot_VBK.argmax(dim=2, keepdim=True)
-        has_VB = has_VBK.any(dim=2)
-        eu_VB, es_VB = torch.gather(un_VBK, 2, best_VB1)[..., 0], torch.gather(sn_VBK, 2, best_VB1)[..., 0]
+        has_VB = has_VBK.any(dim=2) if has_VBK is not None else torch.full_like(valid, n > 1)
+        nb_VB = torch.gather(norm_VBK, 2, best_VB1)[..., 0]
+        eu_VB, es_VB = (torch.gather(x, 2, best_VB1)[..., 0] / nb_VB for x in (un_VBK, sn_VBK))
     sq_VB = du**2 + ds**2
     ones_VB = ones_VB | (sq_VB.detach() == 0)  # a zero-length prediction: every cosine is 1
     cos_VB = (eu_VB * du + es_VB * ds) / torch.sqrt(sq_VB.masked_fill(ones_VB, 1.0))  # no 0/0 in the gradient

@@ -218,15 +218,41 @@ def test_celldancer_genes_are_independent():
         torch.testing.assert_close(p.grad[2], g)
 
 
+def test_celldancer_cost_of_a_gene_does_not_depend_on_its_block():
+    """A gene with fewer points than neighbours, in a block with a gene that has more (so a neighbour search runs
+    over its padding too), costs what it costs alone; its padding lies where its predictions point, so padding
+    taken for a neighbour would show."""
+    from fm.baselines.celldancer import cosine_cost
+
+    g = torch.Generator().manual_seed(0)
+    u, s = torch.rand(2, 40, generator=g), torch.rand(2, 40, generator=g)
+    du, ds = torch.randn(2, 40, generator=g), torch.randn(2, 40, generator=g)
+    valid = torch.ones(2, 40, dtype=torch.bool)
+    valid[1, 10:] = False  # gene 1: 10 points, left-aligned
+    u[1, 10:] = u[1, :10].mean() + du[1, :10].mean() * torch.arange(1, 31)  # padding along its predictions
+    s[1, 10:] = s[1, :10].mean() + ds[1, :10].mean() * torch.arange(1, 31)
+    args = (u, s, du, ds, valid, torch.ones(2, 1), torch.ones(2, 1), 30)
+    together, alone = cosine_cost(*args, 2, left_aligned=True), cosine_cost(*args, 1, left_aligned=True)
+    torch.testing.assert_close(together, alone)
+    assert (together[1, :10] > 0).all() and (together[1, 10:] == 0).all()
+
+
 def _reference_loss(head: CellDancerHead, u_CG: np.ndarray, s_CG: np.ndarray) -> torch.Tensor:
     """The package's computation, one gene at a time: linear layers on gene g's weights, sklearn kNN, its cosine
-    rule (every neighbour's cosine, then the max). Differentiable in the head's weights."""
+    rule (every neighbour's cosine, then the max). Differentiable in the head's weights. With the head's
+    ``norm_cell_distribution``, each gene on the first cell of each distinct point of the 0.01 grid."""
     c, total = head.config, 0.0
     for g in range(u_CG.shape[1]):
         layers = [(w[g].T, b[g, 0]) for w, b in zip(head.weights, head.biases, strict=True)]
         u, s = torch.tensor(u_CG[:, g], dtype=torch.float64), torch.tensor(s_CG[:, g], dtype=torch.float64)
         umax, smax = u.max(), s.max()
         un, sn = u / umax, s / smax
+        if c.norm_cell_distribution:
+            un, sn = torch.round(un, decimals=2), torch.round(sn, decimals=2)
+            first = np.unique(np.stack([un.numpy(), sn.numpy()], 1), axis=0, return_index=True)[1]
+            keep = torch.tensor(np.sort(first))
+            un, sn = un[keep], sn[keep]
+            u, s = un * umax, sn * smax
         x = torch.nn.functional.leaky_relu(torch.nn.functional.linear(torch.stack([un, sn]).T, *layers[0]))
         x = torch.nn.functional.leaky_relu(torch.nn.functional.linear(x, *layers[1]))
         out = torch.sigmoid(torch.nn.functional.linear(x, *layers[2]))
@@ -244,12 +270,32 @@ def _reference_loss(head: CellDancerHead, u_CG: np.ndarray, s_CG: np.ndarray) ->
     return total
 
 
-@pytest.mark.parametrize("n_cells", [45, 20])  # more points than neighbours (a search), and fewer (all of them)
-def test_celldancer_loss_and_gradient_match_slow_reference(n_cells):
+def _integer_us(n_cells: int, seed: int = 3) -> dict:
+    """Genes 0 and 2 on a small integer lattice (repeated points; 0: at most 25 distinct ones, fewer than the 30
+    neighbours), genes 1 and 3 continuous."""
+    rng = np.random.default_rng(seed)
+    u, s = (rng.gamma(2.0, 2.0, (n_cells, 4)) + 0.01 for _ in range(2))
+    u[:, 0], s[:, 0] = rng.integers(1, 6, n_cells), rng.integers(1, 6, n_cells)
+    u[:, 2], s[:, 2] = rng.integers(1, 9, n_cells), rng.integers(1, 9, n_cells)
+    return batch_from_dense(s.astype(np.float32), u.astype(np.float32))
+
+
+@pytest.mark.parametrize(
+    "n_cells, data, distinct",
+    [
+        (45, "continuous", False),  # more points than neighbours: a search
+        (20, "continuous", False),  # fewer: every point is a neighbour
+        (60, "integer", False),  # repeated points: zero-length displacements toward neighbours (cosine 1)
+        (60, "integer", True),  # distinct grid points: one block, of genes with fewer points than neighbours and more
+    ],
+)
+def test_celldancer_loss_and_gradient_match_slow_reference(n_cells, data, distinct):
     torch.manual_seed(0)
-    batch = _us_batch(n_cells=n_cells, n_genes=4, seed=3)
-    head = CellDancerHead(n_genes=4, norm_cell_distribution=False, gene_chunk=3).double()
-    batch = {**batch, **{k: batch[k].double() for k in (keys.B_UNSPLICED, keys.B_SPLICED)}}
+    batch = _us_batch(n_cells=n_cells, n_genes=4, seed=3) if data == "continuous" else _integer_us(n_cells)
+    head = CellDancerHead(n_genes=4, norm_cell_distribution=distinct, gene_chunk=4 if distinct else 3,
+                          input="counts" if data == "integer" else "normalized").double()  # fmt: skip
+    batch = {**batch, **{k: batch[k].double() for k in (keys.B_UNSPLICED, keys.B_SPLICED, keys.B_UNSPLICED_COUNTS,
+                                                         keys.B_SPLICED_COUNTS)}}  # fmt: skip
     loss = head.loss(batch, head(batch, None)).loss
     loss.backward()
     grads = [p.grad.clone() for p in head.parameters()]
