@@ -165,11 +165,11 @@ class CellDancerHead(Head):
         if not self.training:
             return self._predict(*self._points(batch, fitting=False))
         un_VB, sn_VB, umax_V1, smax_V1, gene_N, cell_N = self._points(batch, fitting=True)
-        # this step's points (N: all genes' fittable points, in gene order): running genes', a random share of them
-        keep_N = self.running[gene_N]  # a stopped gene is not run
+        # this step's points: the running genes' fittable points (N, in gene order), a random share of them
+        gene_K, cell_K = self._running_points(gene_N, cell_N)  # a stopped gene is not run
         if c.fit_fraction < 1:  # the package keeps round(fraction · n) of a gene's n points; a Bernoulli draw has
-            keep_N &= torch.rand(keep_N.shape, device=keep_N.device) < c.fit_fraction  # that mean, and no sort
-        gene_K, cell_K = gene_N[keep_N], cell_N[keep_N]
+            keep_K = torch.rand(gene_K.shape, device=gene_K.device) < c.fit_fraction  # that mean, and no sort
+            gene_K, cell_K = gene_K[keep_K], cell_K[keep_K]
         n_V = torch.bincount(gene_K, minlength=c.n_genes)
         # the genes with points, sorted by their number of points, so that each block of networks runs on about its
         # own width; each gene's points left-aligned in its row
@@ -197,6 +197,18 @@ class CellDancerHead(Head):
             du_parts.append(F.pad(d["du"], (0, P - p)))
             ds_parts.append(F.pad(d["ds"], (0, P - p)))
         return {**out, "du": torch.cat(du_parts), "ds": torch.cat(ds_parts)}
+
+    @torch.no_grad()
+    def _running_points(self, gene_N: Tensor, cell_N: Tensor) -> tuple[Tensor, Tensor]:
+        """The running genes' points of ``_points``, kept until the batch or the running genes change (at most
+        every ``check_every`` steps), so that a step's cost follows the genes still running."""
+        stamp = (self.running.data_ptr(), self.running._version)
+        cached = self.__dict__.get("_running_cache")  # (stamp, gene_N, cell_N, kept)
+        if cached is None or cached[0] != stamp or cached[1] is not gene_N or cached[2] is not cell_N:
+            keep_N = self.running[gene_N]
+            cached = (stamp, gene_N, cell_N, (gene_N[keep_N], cell_N[keep_N]))
+            self._running_cache = cached
+        return cached[3]
 
     @torch.no_grad()
     def _points(self, batch: dict, fitting: bool) -> tuple[Tensor, ...]:

@@ -364,6 +364,8 @@ def test_celldancer_stopped_genes_are_not_run_and_keep_their_weights():
     assert sorted(out["genes"].tolist()) == [1, 2, 4] and out["du"].shape[0] == 3
     for p, b in zip(head.parameters(), before, strict=True):
         assert torch.equal(p[[0, 3]], b)
+    head.running[2] = False  # a gene stopping between steps: the next step runs without it
+    assert sorted(head(batch, None)["genes"].tolist()) == [1, 4]
     head.eval()
     assert head(batch, None)["velocity"].shape == (48, 5)  # every gene predicts, the stopped ones with their weights
 
