@@ -551,12 +551,12 @@ class ShardedDataLoader(DataLoader):
         self._epoch, self._consumed, self._next, self._pending = epoch, start, (epoch + 1, 0), False
         if start:
             log.info("resuming the stream at epoch %d, batch %d of %d", epoch, start, len(self))
-        rings = None
-        if self.num_workers > 0:  # fresh rings each epoch: a previous iterator's workers may still write theirs
-            _warm_pyarrow()
-            ds: ShardedArrowDataset = self.dataset
-            nbytes = batch_nbytes(ds.batch_size, ds.tokenizer, ds.index.targets) + 4 * _ALIGN
-            rings = [BatchRing(self.prefetch_factor + 1, nbytes) for _ in range(self.num_workers)]
+        if self.num_workers == 0:  # the dataset's own iterator: torch's single-process one only adds its per-batch
+            return self._count(iter(self.dataset), None)  # cost (~45 us; collate_fn is the identity; pinning: _count)
+        _warm_pyarrow()  # fresh rings each epoch: a previous iterator's workers may still write theirs
+        ds: ShardedArrowDataset = self.dataset
+        nbytes = batch_nbytes(ds.batch_size, ds.tokenizer, ds.index.targets) + 4 * _ALIGN
+        rings = [BatchRing(self.prefetch_factor + 1, nbytes) for _ in range(self.num_workers)]
         self.dataset._rings = rings
         try:
             it = super().__iter__()  # starts the workers, which inherit the rings
@@ -569,6 +569,8 @@ class ShardedDataLoader(DataLoader):
         for batch in it:
             if isinstance(batch, _RingBatch):  # copied out before the next batch is asked for (see BatchRing)
                 batch = rings[batch.worker].unpack(batch, pin=pin)
+            elif pin and rings is None:  # in-process, as torch's single-process iterator would
+                batch = {k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
             self._consumed += 1  # before the yield: a checkpoint taken while this batch trains counts it
             yield batch
 

@@ -118,37 +118,69 @@ class CellBlock:
         return len(self.offsets_B1) - 1
 
 
-def _long_cell_picks(block: CellBlock, cfg: TokenizerConfig,
-                     rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
-    """The genes kept in the cells with more than max_genes stored genes, or None when there is no such cell.
+def _uniform_subsets(rng: np.random.Generator, n_b: np.ndarray, k_b: np.ndarray) -> np.ndarray:
+    """Per row b, a uniform random ``k_b[b]``-subset of ``[0, n_b[b])``, as one bool mask of the rows end to end.
 
-    Returns (long_b, pos_bK, base_b): those cells, and per cell the positions of its max_genes kept genes within the
-    cell plus ``base_b`` (ascending, so corpus order): adding each cell's start minus ``base_b`` locates them in one
-    pass.
+    The subset is the first ``k_b`` distinct values of a sequence of iid uniform draws from ``[0, n_b)``, which is
+    uniform over the k-subsets (relabelling the values leaves the sequence's law unchanged, so every subset is as
+    likely). The sequence is drawn in rounds of exactly the number of values each row still lacks, so a round never
+    passes a row's k-th distinct value; all rows draw together, in one array per round. Cheaper than a key per gene
+    and a partition when k is much smaller than n (dropping the few genes of a cell just over max_genes).
+
+    Returns bool [sum(n_b)]: row b's mask is ``[start_b, start_b + n_b)`` with ``start_b = cumsum(n_b) - n_b``.
     """
-    lens_B = np.diff(block.offsets_B1)
+    end_b = np.cumsum(n_b)
+    total, hi = int(end_b[-1]) if len(end_b) else 0, int(n_b.max(initial=1))
+    taken = np.zeros(total + hi, dtype=bool)  # + hi: a draw past its row's end indexes in bounds (and is dropped)
+    stamp = np.empty(total + hi, dtype=np.int32)
+    start_b, need, rows_b = end_b - n_b, k_b.astype(np.int64), np.arange(len(n_b))
+    # the draws, one bound for all rows (a value past its row's end is drawn again), in one call for the usual
+    # total (a call costs ~10 us here, a round's few draws far less); rounds take the next ones in turn
+    draws, used = rng.integers(0, hi, int(need.sum() * 1.1) + 64), 0
+    while need.any():
+        rows = np.repeat(rows_b, need)
+        if used + len(rows) > len(draws):
+            draws, used = np.concatenate([draws[used:], rng.integers(0, hi, 2 * len(rows) + 64)]), 0
+        v, used = draws[used: used + len(rows)], used + len(rows)
+        flat = start_b[rows] + v
+        ok = (v < n_b[rows]) & ~taken[flat]
+        flat, rows = flat[ok], rows[ok]
+        first = np.arange(len(flat), dtype=np.int32)  # one survivor per value repeated in this round (any one)
+        stamp[flat] = first
+        ok = stamp[flat] == first
+        taken[flat[ok]] = True
+        need -= np.bincount(rows[ok], minlength=len(n_b))
+    return taken[:total]
+
+
+def _long_cell_keep(block: CellBlock, lens_B: np.ndarray, cfg: TokenizerConfig,
+                    rng: np.random.Generator) -> tuple[list[int], np.ndarray | None]:
+    """The cells with more than max_genes stored genes (ascending) and, end to end, their masks of kept genes.
+
+    Returns (long_b, keep): ``keep`` has ``lens_B[b]`` entries per long cell b in turn, max_genes of them True.
+    """
     long_b = np.flatnonzero(lens_B > cfg.max_genes)
     if not len(long_b):
-        return None
-    K = cfg.max_genes
-    # sample max_genes of the long cells' genes, vectorised over those cells
-    L = int(lens_B[long_b].max())
-    if cfg.gene_sampling == "random":
-        key_bL = rng.random((len(long_b), L))
-    else:  # top_expressed: largest s + u first
-        s_N, u_N = np.asarray(block.spliced_N), np.asarray(block.unspliced_N)
-        src_bL = np.minimum(block.offsets_B1[long_b, None] + np.arange(L), len(s_N) - 1)
-        key_bL = -(s_N[src_bL] + u_N[src_bL]).astype(np.float64)
-    for i, n in enumerate(lens_B[long_b].tolist()):
-        key_bL[i, n:] = np.inf  # past the cell's end
-    # the max_genes smallest keys of a row; with distinct keys (random draws) a threshold finds that set, the same
-    # as argpartition's and ~5x faster. Ties (top_expressed; a repeated draw) leave the choice to argpartition.
-    if cfg.gene_sampling == "random":
-        kth_b1 = np.partition(key_bL, K - 1, axis=1)[:, K - 1: K]
-        kept = np.flatnonzero(key_bL <= kth_b1)  # row-major, so ascending within a row
-        if len(kept) == len(long_b) * K:  # every row keeps >= K, so this total means exactly K each
-            return long_b, kept.reshape(len(long_b), K), L * np.arange(len(long_b))
-    return long_b, np.sort(np.argpartition(key_bL, K - 1, axis=1)[:, :K], axis=1), np.zeros(len(long_b), np.int64)
+        return [], None
+    K, n_b = cfg.max_genes, lens_B[long_b]
+    if cfg.gene_sampling == "random":  # draw the smaller side: the genes to drop, or (n > 2K) the genes to keep
+        drop_b = n_b - K <= K
+        keep = _uniform_subsets(rng, n_b, np.where(drop_b, n_b - K, K))
+        if drop_b.all():
+            np.logical_not(keep, out=keep)
+        elif drop_b.any():
+            keep ^= np.repeat(drop_b, n_b)
+        return long_b.tolist(), keep
+    # top_expressed: largest s + u first
+    L = int(n_b.max())
+    s_N, u_N = np.asarray(block.spliced_N), np.asarray(block.unspliced_N)
+    src_bL = np.minimum(block.offsets_B1[long_b, None] + np.arange(L), len(s_N) - 1)
+    key_bL = -(s_N[src_bL] + u_N[src_bL]).astype(np.float64)
+    valid_bL = np.arange(L) < n_b[:, None]
+    key_bL[~valid_bL] = np.inf  # past the cell's end
+    keep_bL = np.zeros((len(long_b), L), dtype=bool)
+    np.put_along_axis(keep_bL, np.argpartition(key_bL, K - 1, axis=1)[:, :K], True, axis=1)
+    return long_b.tolist(), keep_bL[valid_bL]  # row-major: the cells' masks end to end
 
 
 @dataclass
@@ -166,35 +198,35 @@ class _Layout:
 
 def _cell_layout(block: CellBlock, cfg: TokenizerConfig, rng: np.random.Generator) -> _Layout:
     """gene_set='cell': each cell's own (sampled) genes, left-aligned in its row."""
-    picks = _long_cell_picks(block, cfg, rng)
     lens_B = np.diff(block.offsets_B1)
-    short_b, long_b, pos_bK, base_b = np.arange(len(lens_B)), np.zeros(0, np.int64), None, None
-    if picks is not None:
-        long_b, pos_bK, base_b = picks
-        short_b = np.flatnonzero(lens_B <= cfg.max_genes)
-    long_lens_b = lens_B[long_b]
+    long_b, keep = _long_cell_keep(block, lens_B, cfg, rng)
     lens_B = np.minimum(lens_B, cfg.max_genes)
-    src_bK = {}  # the long cells' kept genes: positions in the flat arrays ("flat") or in their pieces ("long")
-    G = max(1, int(lens_B.max(initial=0)))  # = max_genes when a cell is long, so a long cell fills its row
-    runs = list(zip(short_b.tolist(), block.offsets_B1[short_b].tolist(), block.offsets_B1[short_b + 1].tolist()))
-    long_b = list(long_b)
-
-    def src(kind: str) -> np.ndarray:
-        if kind not in src_bK:
-            starts_b = block.offsets_B1[long_b] if kind == "flat" else np.cumsum(long_lens_b) - long_lens_b
-            src_bK[kind] = pos_bK + (starts_b - base_b)[:, None]
-        return src_bK[kind]
+    K, G = cfg.max_genes, max(1, int(lens_B.max(initial=0)))  # G = K when a cell is long: a long cell fills its row
+    pads = (G - lens_B).tolist()
+    offsets = block.offsets_B1.tolist()
+    pad_G = {}  # (dtype, pad) -> [G] of pad, for the puts of this block
 
     def put(out_BG: np.ndarray, values_N: np.ndarray | Segments, pad: float) -> None:
-        pieces = values_N.pieces if isinstance(values_N, Segments) else None
-        for b, lo, hi in runs:  # a short cell's genes are one run: a slice copy per cell is faster than any
-            out_BG[b, : hi - lo] = values_N[lo:hi] if pieces is None else pieces[b]  # fancy-index gather or scatter
-            if hi - lo < G:
-                out_BG[b, hi - lo:] = pad
-        if long_b and pieces is None:
-            out_BG[long_b] = values_N[src("flat")]
-        elif long_b:
-            out_BG[long_b] = np.concatenate([pieces[b] for b in long_b])[src("long")]
+        # the rows are one run of memory: a single concatenate (cells and padding in turn) writes all of them, far
+        # cheaper than a copy per cell and row, or any fancy-index gather or scatter
+        if isinstance(values_N, Segments):
+            pieces = list(values_N.pieces)
+        else:
+            pieces = [values_N[lo:hi] for lo, hi in zip(offsets[:-1], offsets[1:])]
+        if long_b:
+            kept = np.concatenate([pieces[b] for b in long_b])[keep]  # K values per long cell, in turn
+            for i, b in enumerate(long_b):
+                pieces[b] = kept[i * K: (i + 1) * K]
+        key = (out_BG.dtype.str, str(pad))
+        if key not in pad_G:
+            pad_G[key] = np.full(G, pad, dtype=out_BG.dtype)
+        parts = []
+        for piece, n_pad in zip(pieces, pads):
+            parts.append(piece)
+            if n_pad:
+                parts.append(pad_G[key][:n_pad])
+        if parts:  # (none: a block without cells)
+            np.concatenate(parts, out=np.reshape(out_BG, -1, copy=False))  # copy=False: raises unless a view
 
     return _Layout(lens_B, G, put, lambda: np.arange(G)[None, :] < lens_B[:, None])
 
@@ -244,12 +276,11 @@ def ranges(starts: np.ndarray, lens: np.ndarray) -> np.ndarray:
     return np.repeat(starts.astype(np.int64) - cum, lens) + np.arange(total, dtype=np.int64)
 
 
-def _scales(block: CellBlock, cfg: TokenizerConfig) -> tuple[np.ndarray, np.ndarray]:
-    """Per-cell multipliers [B] for spliced and unspliced counts."""
+def _scales(block: CellBlock, cfg: TokenizerConfig) -> np.ndarray:
+    """Per-cell multipliers [2, B] (float32) for spliced and unspliced counts."""
     B = len(block)
     if cfg.normalization == "none":
-        one = np.ones(B, np.float32)
-        return one, one
+        return np.ones((2, B), np.float32)
     if cfg.normalization == "size_factor":
         sf = block.size_factor_B.astype(np.float64)
         bad = ~(np.isfinite(sf) & (sf > 0))
@@ -259,13 +290,11 @@ def _scales(block: CellBlock, cfg: TokenizerConfig) -> tuple[np.ndarray, np.ndar
                 f"normalization='size_factor' but cell {block.cell_id[i]!r} of dataset {block.dataset_id[i]!r} has "
                 f"{keys.SIZE_FACTOR}={block.size_factor_B[i]!r} (needs a positive number in the corpus column)"
             )
-        s = (1.0 / sf).astype(np.float32)
-        return s, s
-    out = []
-    for lib in (block.library_size_spliced_B, block.library_size_unspliced_B):
-        lib = lib.astype(np.float64)
-        out.append(np.where(lib > 0, cfg.target_sum / np.where(lib > 0, lib, 1.0), 0.0).astype(np.float32))
-    return out[0], out[1]
+        return np.broadcast_to((1.0 / sf).astype(np.float32), (2, B))
+    lib_2B = np.stack([block.library_size_spliced_B, block.library_size_unspliced_B]).astype(np.float64)
+    out_2B = np.zeros((2, B))  # a zero library gives zeros
+    np.divide(cfg.target_sum, lib_2B, out=out_2B, where=lib_2B > 0)
+    return out_2B.astype(np.float32)
 
 
 def _empty(shape: tuple[int, ...], dtype: torch.dtype) -> np.ndarray:
@@ -282,6 +311,25 @@ def _empty(shape: tuple[int, ...], dtype: torch.dtype) -> np.ndarray:
 
 
 Alloc = Callable[[tuple[int, ...], torch.dtype], np.ndarray]
+_NUMPY_DTYPE = {torch.float32: np.dtype(np.float32), torch.int64: np.dtype(np.int64), torch.bool: np.dtype(bool)}
+
+
+def _carve(nbytes: int) -> Alloc:
+    """An allocator that hands out 64-byte-aligned pieces of one fresh buffer of ``nbytes``: one allocation per batch
+    instead of four (each costs more than its memory here)."""
+    buf, used = np.empty(nbytes, dtype=np.uint8), 0
+
+    def alloc(shape: tuple[int, ...], dtype: torch.dtype) -> np.ndarray:
+        nonlocal used
+        np_dtype = _NUMPY_DTYPE[dtype]
+        n = math.prod(shape) * np_dtype.itemsize
+        if used + n > nbytes:
+            raise RuntimeError(f"tokenize_block asked for more than the {nbytes} bytes it reserved")
+        out = buf[used: used + n].view(np_dtype).reshape(shape)
+        used = -(-(used + n) // 64) * 64
+        return out
+
+    return alloc
 
 
 def batch_nbytes(batch_size: int, cfg: TokenizerConfig, targets: tuple[str, ...]) -> int:
@@ -294,16 +342,24 @@ def batch_nbytes(batch_size: int, cfg: TokenizerConfig, targets: tuple[str, ...]
     return batch_size * cfg.max_genes * (4 * n_floats + 8 + 1) + batch_size * 3 * 4
 
 
-def _log1p_into(out_MBG: np.ndarray, counts_MBG: np.ndarray, scale_MB: np.ndarray) -> None:
-    """out = log(1 + counts * scale) in float32, a scale per modality (M) and cell.
+# torch's float32 log is ~1.5x numpy's here (SLEEF, within 1 ulp of it). Applied in pieces of fewer elements than
+# ATen's grain size (32768), a torch kernel runs on the calling thread: never in an OpenMP pool, which hangs a process
+# forked while its parent's pool ran (fm.data.stream.BatchRing), and the same values whatever the thread count.
+# Pieces are a multiple of 16 floats, the width of its vectorised loop.
+_LOG_PIECE = 2047 * 16
 
-    numpy's float32 log1p is not vectorised (about 6x slower than log on this path); log(1 + x) differs from it by
+
+def _log1p_into(out_MBG: np.ndarray, counts_MBG: np.ndarray, scale_MB: np.ndarray) -> None:
+    """out = log(1 + counts * scale) in float32, a scale per modality (M) and cell; ``out`` is C-contiguous.
+
+    float32 log1p is ~6x slower than log on this path (numpy's is not vectorised); log(1 + x) differs from it by
     < 1e-7 relative for x >= 0.01 and stays exact at 0, and normalised counts of a stored gene are rarely below that.
     Computed over the whole padded arrays, in place: padding (count 0) gives log(1) = 0.
     """
     np.multiply(counts_MBG, scale_MB[..., None], out=out_MBG)
     out_MBG += np.float32(1)
-    np.log(out_MBG, out=out_MBG)
+    for piece in torch.from_numpy(out_MBG).view(-1).split(_LOG_PIECE):  # a view: raises if not contiguous
+        piece.log_()
 
 
 def tokenize_block(
@@ -318,26 +374,29 @@ def tokenize_block(
 
     Choose genes, copy each cell's kept counts (and targets, gene ids) from the flat N arrays into its padded row,
     then normalise and log1p the padded count arrays in place. Decode cost follows the stored genes, not B x G. The
-    float [B, G] arrays are views of one buffer, as are the per-cell floats (four allocations per batch: per-gene
-    floats, gene ids, mask, per-cell floats).
+    float [B, G] arrays are views of one array, as are the per-cell floats (four arrays per batch: per-gene floats,
+    gene ids, mask, per-cell floats).
 
     Args:
         targets: the per-gene target keys (B_VELOCITY, B_VELOCITY_U) the batch carries, NaN where a cell has none;
             the stream passes the ones its corpus has, so a pretraining corpus sends no all-NaN arrays.
-        alloc: where the arrays are born (``alloc(shape, dtype) -> numpy array``); default: fresh memory, shared
-            memory in a loader worker (the mask: fresh memory). The stream passes a slot of its worker's ring
-            (fm.data.stream), which then holds all four. At most ``batch_nbytes(B, cfg, targets)`` bytes are asked for.
+        alloc: where the arrays are born (``alloc(shape, dtype) -> numpy array``); default: one fresh buffer for all
+            four, or in a loader worker shared memory (the mask: fresh memory). The stream passes a slot of its
+            worker's ring (fm.data.stream), which then holds all four. At most ``batch_nbytes(B, cfg, targets)``
+            bytes are asked for.
     """
     lay = (_batch_layout if cfg.gene_set == "batch" else _cell_layout)(block, cfg, rng)
     B, G, put = len(lay.lens_B), lay.G, lay.put
     per_gene = [keys.B_SPLICED, keys.B_UNSPLICED, keys.B_SPLICED_COUNTS, keys.B_UNSPLICED_COUNTS]
     per_gene += [k for k in (keys.B_VELOCITY, keys.B_VELOCITY_U) if k in targets]
+    if alloc is None and get_worker_info() is None:  # in-process: every array in one buffer
+        alloc = _carve(B * G * (4 * len(per_gene) + 8 + 1) + 3 * B * 4 + 4 * 64)
     empty = alloc or _empty
     floats_KBG = empty((len(per_gene), B, G), torch.float32)
     counts_2BG = floats_KBG[2:4]
     put(counts_2BG[0], block.spliced_N, 0)
     put(counts_2BG[1], block.unspliced_N, 0)
-    scale_2B = np.stack(_scales(block, cfg))
+    scale_2B = _scales(block, cfg)
     _log1p_into(floats_KBG[:2], counts_2BG, scale_2B)
     if not np.isfinite(scale_2B).all():  # 0 * inf: a slot without a stored gene must stay 0, not NaN
         floats_KBG[:2, ~lay.stored_BG()] = 0
@@ -353,12 +412,11 @@ def tokenize_block(
         ids_BG[:] = lay.panel_G if len(lay.panel_G) else 0
     else:
         put(ids_BG, block.gene_index_N, 0)
-    real_BG = empty((B, G), torch.bool) if alloc is not None else np.empty((B, G), dtype=bool)
+    real_BG = empty((B, G), torch.bool) if alloc is not None else np.empty((B, G), dtype=bool)  # (worker: by value)
     small = np.int16 if G < 2**15 else np.int64  # a narrower compare is 3x faster
     np.less(np.arange(G, dtype=small), lay.lens_B.astype(small)[:, None], out=real_BG)
     cell_3B = empty((3, B), torch.float32)  # per-cell floats in one array (in a loader worker: one ring region)
-    for out_B, values_B in zip(cell_3B, (block.library_size_spliced_B, block.library_size_unspliced_B, block.time_B)):
-        out_B[:] = values_B
+    np.stack((block.library_size_spliced_B, block.library_size_unspliced_B, block.time_B), out=cell_3B)
     cell_3B = torch.from_numpy(cell_3B).unbind(0)
     return {
         keys.B_GENE_IDS: torch.from_numpy(ids_BG),

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from fm import keys
-from fm.data.tokenize import CellBlock, Segments, TokenizerConfig, tokenize_block
+from fm.data.tokenize import _LOG_PIECE, CellBlock, Segments, TokenizerConfig, _uniform_subsets, tokenize_block
 
 
 def _block(cells: list[tuple[list[int], list[float], list[float]]], size_factor=None, velocity=False) -> CellBlock:
@@ -157,38 +157,84 @@ def test_unknown_gene_set_is_named():
         TokenizerConfig(gene_set="union")
 
 
-@pytest.mark.parametrize("tied", [False, True])
-def test_random_sampling_keeps_the_cells_smallest_draws_even_with_ties(tied):
-    """The kept genes of a long cell are those with its max_genes smallest draws (argsort order, the reference)."""
+def _chi2_pvalue(counts: np.ndarray) -> float:
+    """p-value of counts (every category, zeros included) against equal probabilities."""
+    from scipy.stats import chisquare
+
+    return float(chisquare(counts).pvalue)
+
+
+@pytest.mark.parametrize("n,k", [(6, 2), (7, 3), (9, 1), (8, 8), (5, 0)])
+def test_uniform_subsets_are_exact_and_uniform(n, k):
+    """Every row gets exactly k distinct members of [0, n), and each of the C(n, k) subsets equally often."""
+    from itertools import combinations
+
+    rows = 12_000
+    mask = _uniform_subsets(np.random.default_rng(11), np.full(rows, n), np.full(rows, k)).reshape(rows, n)
+    assert (mask.sum(1) == k).all()
+    codes = mask @ (1 << np.arange(n))
+    subsets = [sum(1 << i for i in c) for c in combinations(range(n), k)]
+    counts = np.array([(codes == c).sum() for c in subsets])
+    assert counts.sum() == rows  # nothing outside the C(n, k) subsets
+    if len(subsets) > 1:
+        assert _chi2_pvalue(counts) > 1e-4, counts
+
+
+def test_uniform_subsets_rows_of_different_lengths_stay_in_their_row():
+    n_b, k_b = np.array([3, 10, 1, 7, 10]), np.array([1, 9, 1, 0, 5])
+    mask = _uniform_subsets(np.random.default_rng(0), n_b, k_b)
+    assert len(mask) == n_b.sum()
+    assert [int(m.sum()) for m in np.split(mask, np.cumsum(n_b)[:-1])] == k_b.tolist()
+
+
+def test_random_sampling_is_uniform_over_a_long_cells_genes():
+    """max_genes=8 of 11 genes (the 3 to drop are drawn) and of 20 (the 8 to keep are drawn), in one block: each
+    8-subset of the 11 genes is kept equally often, and each of the 20 genes with probability 8 / 20."""
+    from itertools import combinations
+
+    B, K = 3000, 8
+    short, mid, wide = ([1, 2], [1.0, 1.0], [0.0, 1.0]), list(range(100, 111)), list(range(200, 220))
+    cells = [(mid, [1.0] * 11, [1.0] * 11), (wide, [1.0] * 20, [1.0] * 20)] * B + [short]
+    out = tokenize_block(_block(cells), TokenizerConfig(max_genes=K), np.random.default_rng(5), targets=())
+    ids, mask = out[keys.B_GENE_IDS].numpy(), out[keys.B_GENE_MASK].numpy()
+    assert mask[:-1].all() and (np.diff(ids[:-1], axis=1) > 0).all()  # K genes each, in corpus order
+    assert ids[-1, :2].tolist() == [1, 2] and mask[-1].sum() == 2  # the short cell keeps its genes
+    codes = ((1 << (ids[0:-1:2] - 100)).sum(1)).tolist()
+    subsets = [sum(1 << i for i in c) for c in combinations(range(11), K)]
+    counts = np.array([codes.count(c) for c in subsets])
+    assert counts.sum() == B and _chi2_pvalue(counts) > 1e-4
+    kept = np.bincount((ids[1:-1:2] - 200).ravel(), minlength=20)
+    assert kept.sum() == B * K and _chi2_pvalue(kept) > 1e-4
+
+
+def test_random_sampling_is_reproducible_and_differs_by_seed():
     rng = np.random.default_rng(4)
     cells = []
     for n in (40, 9, 57, 33):  # three cells over max_genes=12, one under
         genes = np.sort(rng.choice(500, n, replace=False))
         cells.append((genes.tolist(), rng.integers(1, 9, n).tolist(), rng.integers(0, 9, n).tolist()))
-    block, cfg = _block(cells), TokenizerConfig(max_genes=12)
-    long_b = [0, 2, 3]
-    draws = np.random.default_rng(5).random((len(long_b), 57))
-    if tied:  # a repeated draw straddling the cut: exactly max_genes genes must still be kept
-        order = np.argsort(draws[0, :40])
-        draws[0, order[12]] = draws[0, order[11]]
+    cfg = TokenizerConfig(max_genes=12)
+    a, b, c = (tokenize_block(_block(cells), cfg, np.random.default_rng(s)) for s in (3, 3, 4))
+    _assert_same(a, b)
+    assert not torch.equal(a[keys.B_GENE_IDS], c[keys.B_GENE_IDS])
 
-    class Draws:  # the generator tokenize_block is given, returning the draws above
-        def random(self, shape):
-            assert shape == draws.shape
-            return draws.copy()
 
-    out = tokenize_block(block, cfg, Draws())
-    for i, b in enumerate(long_b):
-        n = len(cells[b][0])
-        mask = out[keys.B_GENE_MASK][b].numpy()
-        assert mask.sum() == 12
-        kept = set(out[keys.B_GENE_IDS][b][mask].tolist())
-        if not tied or i:
-            assert kept == set(np.asarray(cells[b][0])[np.argsort(draws[i, :n], kind="stable")[:12]].tolist())
-        else:  # either of the tied genes, never both
-            tie = set(np.asarray(cells[b][0])[np.argsort(draws[i, :n], kind="stable")[:13]].tolist())
-            assert kept < tie and len(tie - kept) == 1
-    assert out[keys.B_GENE_MASK][1].sum() == 9
+def test_log1p_matches_numpy_within_an_ulp_over_many_values():
+    """The values cross several of the pieces the log is applied in (fm.data.tokenize._LOG_PIECE)."""
+    rng = np.random.default_rng(8)
+    cells = [(list(range(n)), rng.poisson(3.0, n).astype(float).tolist(), rng.poisson(1.0, n).astype(float).tolist())
+             for n in rng.integers(900, 1100, 80)]
+    block = _block(cells)
+    out = tokenize_block(block, TokenizerConfig(max_genes=2048), np.random.default_rng(0), targets=())
+    assert out[keys.B_SPLICED].numel() > 2 * _LOG_PIECE
+    for key, counts_key, lib in ((keys.B_SPLICED, keys.B_SPLICED_COUNTS, block.library_size_spliced_B),
+                                 (keys.B_UNSPLICED, keys.B_UNSPLICED_COUNTS, block.library_size_unspliced_B)):
+        scale = np.where(lib > 0, 1e4 / np.where(lib > 0, lib.astype(np.float64), 1.0), 0.0).astype(np.float32)
+        ref = np.log(out[counts_key].numpy() * scale[:, None] + np.float32(1))  # float32 throughout, as before
+        got = out[key].numpy()
+        assert got.dtype == ref.dtype == np.float32
+        ulps = np.abs(got.view(np.int32).astype(np.int64) - ref.view(np.int32))
+        assert ulps.max() <= 1
 
 
 def _as_segments(block: CellBlock) -> CellBlock:
