@@ -1,14 +1,17 @@
 """Loader throughput: cells/s from a corpus to collated batches, against anndata (backed) and HF ``datasets``.
 
-Writes a synthetic corpus (fm.data.writer) and the same cells as an ``.h5ad`` (layers spliced/unspliced, CSR), then
-times, in one run: ShardedDataLoader in-process and with 1 and 2 workers; random batches read from the ``.h5ad`` in
-backed mode (h5py-backed CSR rows); and iterating the same shard files with ``datasets``. All three end in the same
-tokenize_block, so the difference is the reading. Rates are given per wall second and per CPU-second of the
-processes doing the work (workers: their summed CPU time, from getrusage of the joined children; main: the trainer's
-share), so a busy machine distorts them less. Also a per-stage breakdown of the in-process path. Appends a run block
-to docs/BENCHMARKS.md (``## Loader``).
+Writes a synthetic corpus (fm.data.writer) and the same cells as an ``.h5ad`` (layers spliced/unspliced, CSR), reads
+every file once (so no timed path pays the disk), then times, in one run: ShardedDataLoader in-process and with 1 and
+2 workers; random batches of backed ``.h5ad`` rows (h5py-backed CSR rows, the way a user would stream a backed
+AnnData), in-process and in a DataLoader with 1 and 2 workers; and iterating the same shard files with ``datasets``.
+All end in the same tokenize_block, so the difference is the reading and the hand-off. Rates are given per wall
+second and per CPU-second of the processes doing the work (workers: their summed CPU time, from getrusage of the
+joined children; main: the trainer's share), so a busy machine distorts them less; fm and anndata are compared like
+for like (in-process with in-process, a worker with a worker). Also a per-stage breakdown of the in-process path and
+a worker's per-epoch start cost. Appends a run block to docs/BENCHMARKS.md (``## Loader``).
 
-    python -m bench.loader --cells 6000 --nnz 2000          # ~2 min on 2 CPUs; --no-write to skip BENCHMARKS.md
+    python -m bench.loader                    # 20,000 cells, ~2,000 genes each: ~1 min on 2 CPUs (+10 s to write the
+                                              # data once); --no-write to skip BENCHMARKS.md
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ from fm.data.vocab import GeneVocab
 from fm.data.writer import shard_name, write_manifest, write_shard
 
 log = logging.getLogger("bench.loader")
-COLUMNS = ["workers", "cells/s (wall)", "cells per worker CPU-s", "cells per main CPU-s", "main ms/batch"]
+COLUMNS = ["loader", "workers", "cells/s (wall)", "cells per worker CPU-s", "cells per main CPU-s", "main ms/batch"]
 INTRO = """\
 `python -m bench.loader`: cells/s from corpus to collated batch (fm: ShardedDataLoader; anndata: random batches of
 backed `.h5ad` rows; datasets: `load_dataset("arrow")` over the same shards, shuffled), all through the same
@@ -100,23 +103,48 @@ def _children_cpu() -> float:
     return r.ru_utime + r.ru_stime
 
 
-def time_fm(corpus: Path, workers: int, batch_size: int, tok: TokenizerConfig, bucketing: bool = False) -> dict:
-    """One epoch through ShardedDataLoader: cells/s (wall), cells per CPU-second of the main process and of the
-    workers (summed; their CPU is read once the epoch's workers were joined), main ms per batch, padding share."""
-    index = UnitIndex.from_manifest(corpus, load_manifest(corpus))
-    ds = ShardedArrowDataset(index, batch_size=batch_size, tokenizer=tok, rank=0, world_size=1, remainder="drop",
-                             length_bucketing=bucketing)
-    dl = ShardedDataLoader(ds, num_workers=workers)
-    t0, c0, k0, n, pad, tot, batches = time.perf_counter(), time.process_time(), _children_cpu(), 0, 0, 0, 0
-    it = iter(dl)
+def _timed(batches, workers: int, on_batch=lambda b: None) -> dict:
+    """Drain ``batches`` (an iterable: a DataLoader or a dataset): cells/s (wall), cells per CPU-second of the main
+    process and of the workers (summed; their CPU is read once the epoch's workers were joined), main ms per batch."""
+    t0, c0, k0, n, n_batches = time.perf_counter(), time.process_time(), _children_cpu(), 0, 0
+    it = iter(batches)
     for b in it:
-        n, batches = n + len(b[keys.B_CELL_ID]), batches + 1
-        m = b[keys.B_GENE_MASK].numpy()
-        pad, tot = pad + int(m.size - np.count_nonzero(m)), tot + m.size
+        n, n_batches = n + len(b[keys.B_CELL_ID]), n_batches + 1
+        on_batch(b)
     del it  # exhausted: its workers are joined, so getrusage counts them
     wall, main, kids = time.perf_counter() - t0, time.process_time() - c0, _children_cpu() - k0
     return {"wall": n / wall, "main_cpu": n / main, "worker_cpu": n / kids if workers else float("nan"),
-            "main_ms": 1e3 * main / batches, "pad": pad / tot}
+            "main_ms": 1e3 * main / n_batches}
+
+
+def _fm_loader(corpus: Path, workers: int, batch_size: int, tok: TokenizerConfig,
+               bucketing: bool = False) -> ShardedDataLoader:
+    index = UnitIndex.from_manifest(corpus, load_manifest(corpus))
+    ds = ShardedArrowDataset(index, batch_size=batch_size, tokenizer=tok, rank=0, world_size=1, remainder="drop",
+                             length_bucketing=bucketing)
+    return ShardedDataLoader(ds, num_workers=workers)
+
+
+def time_fm(corpus: Path, workers: int, batch_size: int, tok: TokenizerConfig, bucketing: bool = False) -> dict:
+    """One epoch through ShardedDataLoader (see _timed), plus the padding share."""
+    slots = [0, 0]  # padded, all
+
+    def count(b):
+        m = b[keys.B_GENE_MASK].numpy()
+        slots[0], slots[1] = slots[0] + int(m.size - np.count_nonzero(m)), slots[1] + m.size
+
+    out = _timed(_fm_loader(corpus, workers, batch_size, tok, bucketing), workers, count)
+    return {**out, "pad": slots[0] / slots[1]}
+
+
+def worker_epoch_overhead(corpus: Path, batch_size: int, tok: TokenizerConfig) -> float:
+    """CPU ms of one worker over an epoch of one batch (resumed at the last batch): the worker's start and exit,
+    its first window's decode and one batch. A per-epoch cost that a corpus of millions of cells makes negligible."""
+    dl = _fm_loader(corpus, 1, batch_size, tok)
+    dl.load_state_dict({**dl.state_dict(), "batches_consumed": len(dl) - 1})
+    k0 = _children_cpu()
+    _timed(dl, 1)
+    return 1e3 * (_children_cpu() - k0)
 
 
 def stage_breakdown(corpus: Path, batch_size: int, tok: TokenizerConfig) -> dict:
@@ -149,29 +177,59 @@ def stage_breakdown(corpus: Path, batch_size: int, tok: TokenizerConfig) -> dict
     return out
 
 
-def time_anndata(h5ad: Path, n_cells: int, batch_size: int, tok: TokenizerConfig,
-                 budget: int) -> tuple[float, float, float]:
-    """(cells/s, cells per CPU-second, reading ms per batch) for random batches of rows of the backed .h5ad, read
-    and tokenized in this process; reading is the rows and names, before the CellBlock and tokenize_block."""
-    import anndata as ad
-    import h5py
-    from anndata.io import sparse_dataset
+class _AnndataBatches(torch.utils.data.IterableDataset):
+    """The anndata path, the way a user would stream a backed ``.h5ad``: random batches (batch i: cells
+    ``order[i * B: (i + 1) * B]``, sorted) of backed rows of both layers, with their names, through tokenize_block.
 
-    adata = ad.read_h5ad(h5ad, backed="r")
-    f = h5py.File(h5ad, "r")
-    S, U = sparse_dataset(f["layers"][keys.LAYER_SPLICED]), sparse_dataset(f["layers"][keys.LAYER_UNSPLICED])
-    order = np.random.default_rng(0).permutation(n_cells)[:budget]
-    rng, names, t0, c0 = np.random.default_rng(0), adata.obs_names, time.perf_counter(), time.process_time()
-    reading, batches = 0.0, 0
-    for lo in range(0, len(order), batch_size):
-        idx = np.sort(order[lo:lo + batch_size])
-        r0 = time.process_time()
-        rows = S[idx], U[idx], list(names[idx])
-        reading, batches = reading + time.process_time() - r0, batches + 1
-        tokenize_block(_block_from_csr(*rows), tok, rng, targets=())
-    rates = len(order) / (time.perf_counter() - t0), len(order) / (time.process_time() - c0), 1e3 * reading / batches
-    f.close()
-    return rates
+    In a DataLoader, batch i is worker ``i % W``'s (the DataLoader's round robin), and tokenize_block allocates the
+    batch in shared memory from the start, as torch's default_collate does. ``reading`` adds up this process's CPU
+    seconds spent reading (rows and names, before the CellBlock and tokenize_block)."""
+
+    def __init__(self, h5ad: Path, order: np.ndarray, batch_size: int, tok: TokenizerConfig):
+        import anndata as ad
+
+        self.h5ad, self.order, self.batch_size, self.tok = h5ad, order, batch_size, tok
+        # opened once, before any timing or worker (0.4-1.7 s here; fm's index is built untimed too); the names
+        # are in memory, so workers inherit them
+        adata = ad.read_h5ad(h5ad, backed="r")
+        self.names = adata.obs_names
+        adata.file.close()  # a worker must not inherit an open HDF5 file (forked HDF5 state: slower reads there)
+        self.reading = 0.0
+
+    def __iter__(self):
+        import h5py
+        from anndata.io import sparse_dataset
+
+        info = torch.utils.data.get_worker_info()
+        worker, n_workers = (0, 1) if info is None else (info.id, info.num_workers)
+        rng, names = np.random.default_rng(worker), self.names
+        with h5py.File(self.h5ad, "r") as f:  # opened here: an h5py handle does not survive a fork into a worker
+            S, U = sparse_dataset(f["layers"][keys.LAYER_SPLICED]), sparse_dataset(f["layers"][keys.LAYER_UNSPLICED])
+            for lo in range(worker * self.batch_size, len(self.order), n_workers * self.batch_size):
+                idx = np.sort(self.order[lo:lo + self.batch_size])
+                r0 = time.process_time()
+                rows = S[idx], U[idx], list(names[idx])
+                self.reading += time.process_time() - r0
+                yield tokenize_block(_block_from_csr(*rows), self.tok, rng, targets=())
+
+
+def time_anndata(h5ad: Path, n_cells: int, batch_size: int, tok: TokenizerConfig, budget: int,
+                 workers: int = 0) -> dict:
+    """The anndata path over ``budget`` random cells, in-process (the dataset itself) or in a DataLoader with
+    ``workers`` workers (see _timed); in-process also its reading ms per batch."""
+    ds = _AnndataBatches(h5ad, np.random.default_rng(0).permutation(n_cells)[:budget], batch_size, tok)
+    out = _timed(ds if workers == 0 else torch.utils.data.DataLoader(ds, batch_size=None, num_workers=workers), workers)
+    read_ms = 1e3 * ds.reading / -(-budget // batch_size) if workers == 0 else float("nan")  # (a worker's copy adds)
+    return {**out, "read_ms": read_ms}
+
+
+def prime_page_cache(*paths: Path) -> None:
+    """Read every file under ``paths`` once, so no timed path pays the disk (both read the same page cache)."""
+    for path in paths:
+        for f in [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file()):
+            with open(f, "rb") as fh:
+                while fh.read(1 << 24):
+                    pass
 
 
 def time_hf(corpus: Path, batch_size: int, tok: TokenizerConfig, budget: int, cache: Path) -> float:
@@ -197,12 +255,12 @@ def time_hf(corpus: Path, batch_size: int, tok: TokenizerConfig, budget: int, ca
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--cells", type=int, default=6000)
+    p.add_argument("--cells", type=int, default=20000)
     p.add_argument("--genes", type=int, default=20000, help="vocabulary size")
     p.add_argument("--nnz", type=int, default=2000, help="mean stored genes per cell")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--max-genes", type=int, default=2048)
-    p.add_argument("--baseline-cells", type=int, default=1500, help="cells timed for the anndata / datasets paths")
+    p.add_argument("--baseline-cells", type=int, default=3000, help="cells timed for the anndata / datasets paths")
     p.add_argument("--out", type=Path, default=Path("/tmp/fm-bench-loader"))
     p.add_argument("--no-write", action="store_true", help="do not append to docs/BENCHMARKS.md")
     a = p.parse_args()
@@ -212,37 +270,46 @@ def main() -> None:
     corpus, h5ad = make_data(a.out, a.cells, a.genes, a.nnz)
     tok = TokenizerConfig(max_genes=a.max_genes)
     pa.array(np.zeros(1)).to_numpy()  # pyarrow imports pandas on first use (~1 s, once per process): not loader cost
+    prime_page_cache(corpus, h5ad)
     loads = [os.getloadavg()[0]]
     fm = {w: time_fm(corpus, w, a.batch_size, tok) for w in (0, 1, 2)}
+    ann = {w: time_anndata(h5ad, a.cells, a.batch_size, tok, a.baseline_cells, w) for w in (0, 1, 2)}
     pad_b = time_fm(corpus, 0, a.batch_size, tok, bucketing=True)["pad"]
     stages = stage_breakdown(corpus, a.batch_size, tok)
-    ad_wall, ad_cpu, ad_read_ms = time_anndata(h5ad, a.cells, a.batch_size, tok, a.baseline_cells)
+    overhead = worker_epoch_overhead(corpus, a.batch_size, tok)
     hf = time_hf(corpus, a.batch_size, tok, a.baseline_cells, a.out / "hf-cache")
     loads.append(os.getloadavg()[0])
     rows = []
-    for w, r in fm.items():
-        per_worker = f"{r['worker_cpu']:,.0f}" if w else "-"
-        rows.append(f"| {w or 'in-process'} | {r['wall']:,.0f} | {per_worker} | {r['main_cpu']:,.0f} | "
-                    f"{r['main_ms']:.2f} |")
-    worst = min(fm[1]["worker_cpu"], fm[2]["worker_cpu"])
+    for name, runs in (("fm", fm), ("anndata", ann)):
+        for w, r in runs.items():
+            per_worker = f"{r['worker_cpu']:,.0f}" if w else "-"
+            rows.append(f"| {name} | {w or 'in-process'} | {r['wall']:,.0f} | {per_worker} | {r['main_cpu']:,.0f} | "
+                        f"{r['main_ms']:.2f} |")
+    like = [fm[0]["main_cpu"] / ann[0]["main_cpu"]] + [fm[w]["worker_cpu"] / ann[w]["worker_cpu"] for w in (1, 2)]
+    cross = [fm[w]["worker_cpu"] / ann[0]["main_cpu"] for w in (1, 2)]
     fm_read_ms = stages["decode"] + stages["gather"] + stages["other"]
+    n_batches = a.cells // a.batch_size
     text = "\n".join([
         f"### {dt.date.today()}, {platform.node()} ({os.cpu_count()} CPUs, load {loads[0]:.1f} to {loads[1]:.1f})",
         "",
         f"`python -m bench.loader --cells {a.cells} --nnz {a.nnz} --batch-size {a.batch_size} "
-        f"--max-genes {a.max_genes}`: {a.cells} cells, ~{a.nnz} stored genes per cell.",
+        f"--max-genes {a.max_genes} --baseline-cells {a.baseline_cells}`: {a.cells} cells (fm: one epoch, "
+        f"{n_batches} batches), ~{a.nnz} stored genes per cell; anndata and datasets over {a.baseline_cells} random "
+        f"cells; files read once before timing (page cache warm for both).",
         "",
         f"| {' | '.join(COLUMNS)} |",
         "|---" * len(COLUMNS) + "|",
         *rows,
         "",
-        f"anndata backed: {ad_wall:,.0f} cells/s wall, {ad_cpu:,.0f} per CPU-s; datasets: {hf:,.0f} cells/s wall. "
-        f"fm / anndata per CPU-s: {fm[0]['main_cpu'] / ad_cpu:.1f}x in-process, {worst / ad_cpu:.1f}x per worker "
-        f"(worst of 1 and 2 workers). In-process stages, ms per batch of {a.batch_size}: "
+        f"**fm / anndata, like for like, per CPU-s: {like[0]:.1f}x in-process, {like[1]:.1f}x per worker with 1 "
+        f"worker, {like[2]:.1f}x with 2.** fm per worker against anndata in-process (which pays no inter-process "
+        f"transfer): {cross[0]:.1f}x / {cross[1]:.1f}x with 1 / 2 workers. "
+        f"datasets: {hf:,.0f} cells/s wall. In-process stages, ms per batch of {a.batch_size}: "
         + ", ".join(f"{k} {v:.2f}" for k, v in stages.items())
-        + f"; anndata reading (rows + names, before the same tokenize) {ad_read_ms:.2f}; fm's decode + gather + "
-        f"other {fm_read_ms:.2f} (fm's copy of the cells out of the memory map is inside its tokenize: a block's "
-        f"arrays are views). "
+        + f"; anndata reading (rows + names, before the same tokenize) {ann[0]['read_ms']:.2f}; fm's decode + gather "
+        f"+ other {fm_read_ms:.2f} (fm's copy of the cells out of the memory map is inside its tokenize: a block's "
+        f"arrays are views). A worker's start, exit and first window: {overhead:.0f} CPU ms per epoch "
+        f"({overhead / n_batches:.2f} ms per batch of this epoch with 1 worker). "
         f"Padding share {fm[0]['pad']:.3f} / {pad_b:.3f} with length bucketing.",
     ])
     log.info(text)
