@@ -416,7 +416,7 @@ def tokenize_block(
     small = np.int16 if G < 2**15 else np.int64  # a narrower compare is 3x faster
     np.less(np.arange(G, dtype=small), lay.lens_B.astype(small)[:, None], out=real_BG)
     cell_3B = empty((3, B), torch.float32)  # per-cell floats in one array (in a loader worker: one ring region)
-    np.stack((block.library_size_spliced_B, block.library_size_unspliced_B, block.time_B), out=cell_3B)
+    cell_3B[0], cell_3B[1], cell_3B[2] = block.library_size_spliced_B, block.library_size_unspliced_B, block.time_B
     cell_3B = torch.from_numpy(cell_3B).unbind(0)
     return {
         keys.B_GENE_IDS: torch.from_numpy(ids_BG),
