@@ -20,6 +20,7 @@ import scipy.sparse as sp
 from data_prep.sources import ConversionError, Source, open_source
 from data_prep.targets import DatasetSpec
 from fm import keys
+from fm.data.counts import check_counts
 
 
 @dataclass(frozen=True)
@@ -59,21 +60,9 @@ class BlockStats:
 
 
 def _check_counts(m: sp.csr_matrix, src: Source, layer: str, start: int, allow_non_integer: bool) -> None:
-    d = m.data
-    problems = [(~np.isfinite(d), "a NaN or infinite count", ""), (d < 0, "a negative count", "")]
-    if not allow_non_integer:
-        hint = "; non-integer counts (normalised data?) are accepted with --allow-non-integer"
-        problems.append((np.isfinite(d) & (d != np.round(d)), "a non-integer count", hint))
-    for bad, what, hint in problems:
-        if bad.any():
-            k = int(np.argmax(bad))
-            row = int(np.searchsorted(m.indptr, k, side="right") - 1)
-            gene = src.symbols[m.indices[k]]
-            cell = src.read_cell_ids(start + row, start + row + 1)[0]
-            raise ConversionError(
-                f"{src.path}: {src.layer_field(layer)} has {what} ({float(d[k])}) at cell {cell!r} "
-                f"(row {start + row}), gene {gene!r}{hint}"
-            )
+    check_counts(m, f"{src.path}: {src.layer_field(layer)}", allow_non_integer,
+                 cell_name=lambda r: src.read_cell_ids(start + r, start + r + 1)[0],
+                 gene_name=lambda c: src.symbols[c], row_offset=start, error=ConversionError)
 
 
 def collect_stats(

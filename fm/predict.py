@@ -66,9 +66,12 @@ LIBRARY_KEYS = {"spliced": keys.B_LIBRARY_SIZE_SPLICED, "unspliced": keys.B_LIBR
 
 
 # --- input -----------------------------------------------------------------------------------------------------------
-def read_counts(adata: anndata.AnnData, source: str) -> tuple[Any, Any]:
-    """The spliced and unspliced count layers (CSR or dense ndarray), checked: present, shaped, finite, >= 0."""
+def read_counts(adata: anndata.AnnData, source: str, allow_non_integer: bool = False) -> tuple[Any, Any]:
+    """The spliced and unspliced count layers (CSR or dense ndarray), checked: present, shaped, and raw counts by
+    the converter's rule (fm.data.counts: finite, >= 0, integer unless ``allow_non_integer``)."""
     import scipy.sparse as sp
+
+    from fm.data.counts import check_counts
 
     out = []
     for name in (keys.LAYER_SPLICED, keys.LAYER_UNSPLICED):
@@ -79,14 +82,8 @@ def read_counts(adata: anndata.AnnData, source: str) -> tuple[Any, Any]:
         x = sp.csr_matrix(x) if sp.issparse(x) else np.asarray(x)
         if x.shape != adata.shape:
             raise ValueError(f"{source}: layers['{name}'] has shape {x.shape}, the AnnData is {adata.shape}")
-        values = x.data if sp.issparse(x) else x
-        for bad, what in ((~np.isfinite(values), "non-finite"), (values < 0, "negative")):
-            if bad.any():
-                i = int(np.flatnonzero(bad.ravel())[0])
-                row, col = (int(np.searchsorted(x.indptr, i, side="right") - 1), int(x.indices[i])) \
-                    if sp.issparse(x) else divmod(i, x.shape[1])
-                raise ValueError(f"{source}: layers['{name}'] holds {what} values (e.g. {values.ravel()[i]!r} at cell "
-                                 f"{adata.obs_names[row]!r}, gene {adata.var_names[col]!r}); it must hold raw counts")
+        check_counts(x, f"{source}: layers['{name}']", allow_non_integer, cell_name=lambda r: adata.obs_names[r],
+                     gene_name=lambda c: adata.var_names[c])
         out.append(x)
     return out[0], out[1]
 
@@ -327,7 +324,8 @@ def _h5ad_safe(value):
 # --- predict ---------------------------------------------------------------------------------------------------------
 def predict(models: Pretrained | Sequence[Pretrained], adata: anndata.AnnData, *, batch_size: int = 256,
             device: str | torch.device | None = None, max_genes: int | None = None, progress: bool = True,
-            overwrite: bool = False, source: str | None = None) -> anndata.AnnData:
+            overwrite: bool = False, source: str | None = None, allow_non_integer: bool = False
+            ) -> anndata.AnnData:
     """Run one or more releases on an AnnData; return a copy with their outputs added (the input is not changed).
 
     Args:
@@ -341,6 +339,8 @@ def predict(models: Pretrained | Sequence[Pretrained], adata: anndata.AnnData, *
         progress: a rich progress bar over the cells.
         overwrite: replace outputs (layers, obsm, var, uns['fm']) the input already holds; else an error.
         source: how messages name the input (default "the AnnData").
+        allow_non_integer: accept non-integer counts (normalised or imputed data; the converter's
+            ``--allow-non-integer``); by default they are refused, as the release was trained on raw counts.
     Returns:
         A new AnnData: the input's fields plus the outputs listed in the module docstring, their meaning and units in
         ``uns['fm']``.
@@ -365,7 +365,7 @@ def predict(models: Pretrained | Sequence[Pretrained], adata: anndata.AnnData, *
     N, V = adata.shape
     if N == 0:
         raise ValueError(f"{source}: no cells")
-    s, u = read_counts(adata, source)
+    s, u = read_counts(adata, source, allow_non_integer)
     genes = map_input_genes(adata, vocab, source)
     log.info("%s: %s (genes read from %s)", source, genes.mapping.summary(), genes.field)
     plans = _plans(models, max_genes)
@@ -472,9 +472,21 @@ def write_h5ad_atomic(adata: anndata.AnnData, path: Path) -> None:
         raise
 
 
-def run(args: argparse.Namespace) -> int:
+def read_input(path: Path) -> anndata.AnnData:
+    """The input ``.h5ad``; an empty, truncated or non-AnnData file is a one-line ValueError naming it (as the
+    converter's), not h5py's traceback."""
     import anndata
 
+    if path.stat().st_size == 0:
+        raise ValueError(f"{path}: empty file (0 bytes)")
+    try:
+        return anndata.read_h5ad(path)
+    except (OSError, KeyError, ValueError, TypeError) as e:  # h5py's and anndata's ways of finding a bad file
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{path}: not a readable .h5ad (HDF5) file ({reason}); truncated or not an AnnData?") from e
+
+
+def run(args: argparse.Namespace) -> int:
     from fm.checkpoint import load_pretrained
 
     inp, out = Path(args.input), Path(args.output)
@@ -484,9 +496,11 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"{out}: is the input; will not overwrite the input (choose another --output)")
     if out.exists() and not args.overwrite:
         raise ValueError(f"{out}: exists; pass --overwrite to replace it")
+    adata = read_input(inp)
+    read_counts(adata, str(inp), args.allow_non_integer)  # bad input fails before the models load (predict rechecks)
     models = [load_pretrained(c, device=args.device or "cpu") for c in args.checkpoint]
-    result = predict(models, anndata.read_h5ad(inp), batch_size=args.batch_size, max_genes=args.max_genes,
-                     overwrite=args.overwrite, source=str(inp))
+    result = predict(models, adata, batch_size=args.batch_size, max_genes=args.max_genes,
+                     overwrite=args.overwrite, source=str(inp), allow_non_integer=args.allow_non_integer)
     write_h5ad_atomic(result, out)
     g = result.uns[keys.UNS_FM]["genes"]
     written = [f"layers['{k}']" for k in result.uns[keys.UNS_FM]["layers"]] + [f"obsm['{keys.OBSM_EMBEDDING}']"]
@@ -509,5 +523,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--max-genes", type=int, help="gene tokens per cell (default: the release's setting)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing output file, and fm outputs the input already holds")
+    p.add_argument("--allow-non-integer", action="store_true",
+                   help="accept non-integer counts (normalised data; refused by default, as by fm prep convert)")
     p.set_defaults(func=run)
     return p

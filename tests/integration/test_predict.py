@@ -261,9 +261,9 @@ def rename_genes(adata: ad.AnnData) -> None:
 @pytest.mark.parametrize("spoil, match", [
     (lambda a: a.layers.pop(keys.LAYER_UNSPLICED), r"layers\['unspliced'\] is missing"),
     (lambda a: a.layers.__setitem__(keys.LAYER_SPLICED, -a.layers[keys.LAYER_SPLICED]),
-     r"layers\['spliced'\] holds negative values .* at cell"),
+     r"layers\['spliced'\] has a negative count .* at cell"),
     (lambda a: a.layers.__setitem__(keys.LAYER_SPLICED, a.layers[keys.LAYER_SPLICED].toarray() * np.nan),
-     r"layers\['spliced'\] holds non-finite values"),
+     r"layers\['spliced'\] has a NaN or infinite count"),
     (lambda a: rename_genes(a), r"the AnnData: no gene in common with the vocabulary .*var\['gene_id'\]"),
 ], ids=["missing-layer", "negative", "nan", "no-common-gene"])
 def test_bad_input(trained, models, spoil, match):

@@ -1,0 +1,72 @@
+"""The raw-count rule shared by conversion (`fm prep convert`) and prediction (`fm predict`): one check, one message.
+
+    .venv/bin/python -c "import numpy as np; from fm.data.counts import find_bad_count; \
+print(find_bad_count(np.log1p(np.array([0., 3., 7.])), allow_non_integer=False))"
+
+A count layer must be finite and non-negative and, unless the caller allows it, integer. Non-integer values are what
+normalised, log1p-transformed or imputed data look like; fm tokenises counts by normalising and log-transforming them
+itself, so such data would be transformed twice and give nonsense without an error. Both entry points refuse them
+with the same message, which names the file, the layer, the cell and the gene, and the flag that overrides.
+
+Shapes: R rows (cells) of the block checked, G genes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.sparse as sp
+
+NON_INTEGER_HINT = ("; non-integer counts (normalised data?) are accepted with --allow-non-integer "
+                    "(allow_non_integer=True), but fm expects raw counts")
+
+
+@dataclass(frozen=True)
+class BadCount:
+    """The first value of an array that breaks the rule."""
+
+    index: int  # position in the flattened values
+    value: float
+    what: str  # e.g. "a negative count"
+    hint: str  # how to override ("" when nothing may)
+
+
+def find_bad_count(values: np.ndarray, allow_non_integer: bool) -> BadCount | None:
+    """The first NaN/infinite, then negative, then (unless allowed) non-integer value; None when all are counts."""
+    values = np.asarray(values).ravel()
+    finite = np.isfinite(values)
+    problems = [(~finite, "a NaN or infinite count", ""), (values < 0, "a negative count", "")]
+    if not allow_non_integer and values.dtype.kind == "f":  # integer dtypes hold integers
+        problems.append((finite & (values != np.round(values)), "a non-integer count", NON_INTEGER_HINT))
+    for bad, what, hint in problems:
+        if bad.any():
+            k = int(np.argmax(bad))
+            return BadCount(k, float(values[k]), what, hint)
+    return None
+
+
+def check_counts(x_RG, where: str, allow_non_integer: bool, cell_name: Callable[[int], str],
+                 gene_name: Callable[[int], str], row_offset: int = 0, error: type[ValueError] = ValueError) -> None:
+    """Raise ``error`` naming ``where`` (the file and layer), the cell and the gene of the first bad value.
+
+    Args:
+        x_RG: a block of a count layer, CSR or dense.
+        where: how the message names the layer, e.g. ``"pancreas.h5ad: layers['spliced']"``.
+        allow_non_integer: accept non-integer values (normalised or imputed data).
+        cell_name, gene_name: the name of row r / column c of the block (called only on error).
+        row_offset: the block's first row in the file (the message gives the file's row).
+        error: the exception class raised (a ValueError, e.g. the converter's ConversionError).
+    """
+    csr = sp.issparse(x_RG)
+    values = x_RG.data if csr else np.asarray(x_RG)
+    bad = find_bad_count(values, allow_non_integer)
+    if bad is None:
+        return
+    if csr:
+        row, col = int(np.searchsorted(x_RG.indptr, bad.index, side="right") - 1), int(x_RG.indices[bad.index])
+    else:
+        row, col = divmod(bad.index, values.shape[1])
+    raise error(f"{where} has {bad.what} ({bad.value}) at cell {str(cell_name(row))!r} (row {row_offset + row}), "
+                f"gene {str(gene_name(col))!r}{bad.hint}")
