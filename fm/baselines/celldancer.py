@@ -1,13 +1,15 @@
 """cellDancer (Li et al. 2023) as an fm head: one small network per gene, every gene trained at once.
 
-For each gene g a network (u, s) -> 100 -> 100 -> 3 (leaky ReLU, then sigmoid) gives per-cell rates; as in the
-package, the three outputs are (β, γ, α) scaled by (1, γ0, α0) with α0 = 2·u_max and γ0 = u_max / s_max. One Euler step
-of du/dt = α − βu, ds/dt = βu − γs with dt = 0.5 predicts the next (u, s), in coordinates divided by the gene's
-maxima. A cell's cost is 1 − the largest cosine between its predicted displacement and the displacements toward its
-neighbours: the 30 nearest points of the gene's (u, s) plane, the cell itself included and then dropped (29 others),
-as ``sklearn.NearestNeighbors`` does there; a zero-length displacement counts as cosine 1, as in the package. When
-training with ``norm_cell_distribution`` (the package default), points are rounded to a 0.01 grid of the normalised
-plane and duplicates are dropped, so a gene is fitted on its distinct points.
+For each gene g a network (u, s) -> 100 -> 100 -> 3 (leaky ReLU, then sigmoid) gives per-cell rates; as in the package,
+the three outputs are (β, γ, α) scaled by (1, γ0, α0) with α0 = 2·u_max and γ0 = u_max / s_max. One Euler step of du/dt
+= α − βu, ds/dt = βu − γs with dt = 0.5 predicts the next (u, s), in coordinates divided by the gene's maxima over the
+data, as the package's (not over a batch: a cell's velocity would then depend on the cells batched with it). The maxima
+are those of the cells trained on, raised batch by batch (the dataset's after one epoch), kept in buffers saved with
+the weights and used unchanged at prediction. A cell's cost is 1 − the largest cosine between its predicted
+displacement and the displacements toward its neighbours: the 30 nearest points of the gene's (u, s) plane, the cell
+itself included and then dropped (29 others), as ``sklearn.NearestNeighbors`` does there; a zero-length displacement
+counts as cosine 1, as in the package. When training with ``norm_cell_distribution`` (the package default), points are
+rounded to a 0.01 grid of the normalised plane and duplicates are dropped, so a gene is fitted on its distinct points.
 
 The weights of all genes live in [V, ...] tensors used through batched matmuls, so one step trains every gene, and
 gene g's weights only ever see gene g's data (a test checks this). The loss is the *sum* over genes of each gene's
@@ -103,6 +105,10 @@ class CellDancerHead(Head):
         self.register_buffer("bad_checks", torch.zeros(V, dtype=torch.long))
         self.register_buffer("stopped_at", torch.full((V,), -1, dtype=torch.long))  # step a gene stopped, -1: running
         self.register_buffer("steps", torch.zeros((), dtype=torch.long))
+        # each gene's largest u and s over the cells trained on (the package normalises by the dataset's maxima; a
+        # batch's own would make a cell's prediction depend on the cells batched with it); saved with the weights
+        self.register_buffer("u_max", torch.zeros(V))
+        self.register_buffer("s_max", torch.zeros(V))
 
     def optimizer(self) -> torch.optim.Optimizer:
         """The package's Adam (lr 1e-3, betas 0.9/0.999, eps 1e-8, L2 weight decay 4e-3), on running genes only."""
@@ -212,25 +218,30 @@ class CellDancerHead(Head):
 
     @torch.no_grad()
     def _points(self, batch: dict, fitting: bool) -> tuple[Tensor, ...]:
-        """Each gene's plane: normalised u, s [V, B], the maxima [V, 1], and (fitting) the points to fit as gene and
-        cell indices [N] in gene order: distinct points of the 0.01 grid with ``norm_cell_distribution``, else all.
+        """Each gene's plane: u, s [V, B] divided by the recorded maxima [V, 1] (raised to this batch's first when
+        fitting), and (fitting) the points to fit as gene and cell indices [N] in gene order: distinct points of the
+        0.01 grid with ``norm_cell_distribution``, else all.
 
-        These depend on the batch only, so the last batch's are kept: training on one batch again and again (as the
+        These depend on the batch and the maxima only, so the last batch's are kept: training on one batch again and
+        again (as the
         package's epochs over one table, and bench/baselines) reuses them instead of redoing them at every step.
         """
         inputs = [batch[k] for k in (keys.B_GENE_IDS, keys.B_GENE_MASK, keys.B_SPLICED, keys.B_UNSPLICED,
                                      keys.B_SPLICED_COUNTS, keys.B_UNSPLICED_COUNTS)]  # fmt: skip
-        stamp = (fitting, self.weights[0].dtype, *(x._version for x in inputs))
+        def stamp():  # the maxima's versions too: training, or loading weights, changes them in place
+            return (fitting, self.weights[0].dtype, self.u_max._version, self.s_max._version,
+                    *(x._version for x in inputs))  # fmt: skip
+
         cached = self.__dict__.get("_points_cache")  # (stamp, inputs, points): the inputs held, so ids stay unique
-        if cached is not None and cached[0] == stamp and all(a is b for a, b in zip(cached[1], inputs, strict=True)):
+        if cached is not None and cached[0] == stamp() and all(a is b for a, b in zip(cached[1], inputs, strict=True)):
             return cached[2]
         u_BV, s_BV = self.dense_us(batch)
         u_VB, s_VB = u_BV.T.contiguous(), s_BV.T.contiguous()
-        # a gene without counts in the batch: divide by 1 instead of 0 (all its points coincide; its cost is 0)
-        umax_V1 = u_VB.amax(dim=1, keepdim=True)
-        smax_V1 = s_VB.amax(dim=1, keepdim=True)
-        umax_V1 = torch.where(umax_V1 > 0, umax_V1, torch.ones_like(umax_V1))
-        smax_V1 = torch.where(smax_V1 > 0, smax_V1, torch.ones_like(smax_V1))
+        if fitting:
+            self._record_maxima(u_VB.amax(dim=1), s_VB.amax(dim=1))
+        # a gene never seen with counts: divide by 1 instead of 0 (all its points coincide; its cost is 0)
+        umax_V1, smax_V1 = (torch.where(m > 0, m, torch.ones_like(m)).to(u_VB.dtype)[:, None]
+                            for m in (self.u_max, self.s_max))  # fmt: skip
         un_VB, sn_VB = u_VB / umax_V1, s_VB / smax_V1
         if not fitting:
             out = (un_VB, sn_VB, umax_V1, smax_V1)
@@ -240,8 +251,19 @@ class CellDancerHead(Head):
                 un_VB, sn_VB = torch.round(un_VB, decimals=2), torch.round(sn_VB, decimals=2)
                 fit_VB = first_occurrence(un_VB, sn_VB)
             out = (un_VB, sn_VB, umax_V1, smax_V1, *fit_VB.nonzero(as_tuple=True))
-        self._points_cache = (stamp, inputs, out)
+        self._points_cache = (stamp(), inputs, out)
         return out
+
+    @torch.no_grad()
+    def _record_maxima(self, u_V: Tensor, s_V: Tensor) -> None:
+        """Raise the recorded per-gene maxima to this batch's (over the global batch under torch.distributed, so the
+        ranks agree). Written only when one grows, so that a batch seen again reuses its points."""
+        both = torch.stack([u_V, s_V]).to(self.u_max.dtype)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(both, op=torch.distributed.ReduceOp.MAX)
+        for buf, m in zip((self.u_max, self.s_max), both, strict=True):
+            if bool((m > buf).any()):
+                torch.maximum(buf, m, out=buf)
 
     @torch.no_grad()
     def _predict(self, un_VB: Tensor, sn_VB: Tensor, umax_V1: Tensor, smax_V1: Tensor) -> dict[str, Tensor]:
