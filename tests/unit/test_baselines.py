@@ -17,6 +17,7 @@ from fm.baselines.common import batch_from_dense, dense_counts
 from fm.baselines.scscope import ScScopeConfig, ScScopeHead
 from fm.baselines.scvi import SCVIConfig, SCVIHead
 from fm.heads.base import LossOutput
+from tests.tolerance import assert_close_rounding
 
 V = 40
 
@@ -457,8 +458,8 @@ def test_celldancer_prediction_does_not_depend_on_its_tiling(monkeypatch):
     monkeypatch.setattr(celldancer, "PREDICT_TILE", 7)  # 1 gene x 7 cells per tile
     head.__dict__.pop("_points_cache", None)
     tiled = head(batch, None)
-    for k in ("alpha", "beta", "gamma", "velocity", "velocity_u"):
-        torch.testing.assert_close(whole[k], tiled[k], rtol=1e-5, atol=1e-7)  # matmul blockings round apart
+    for k in ("alpha", "beta", "gamma", "velocity", "velocity_u"):  # tiles change the matmuls' blocking, so rounding
+        assert_close_rounding(tiled[k], whole[k], terms=head.config.n_hidden, msg=k)
 
 
 def test_celldancer_prediction_does_not_depend_on_how_cells_are_batched():

@@ -6,6 +6,7 @@ import torch
 from fm import keys
 from fm.model.config import PRESETS, ZorroConfig
 from fm.model.zorro import EncoderOutput, ZorroEncoder
+from tests.tolerance import assert_close_rounding
 
 G = 24
 LENGTHS = [24, 17, 0, 9, 24]  # ragged, one cell with no gene
@@ -22,6 +23,11 @@ def make_batch(seed=0, lengths=LENGTHS, n_genes=G, dtype=torch.float32):
     unspliced = torch.log1p(torch.rand(B, n_genes, generator=g, dtype=dtype) * 5) * mask
     unspliced[1] = 0.0  # a cell with no unspliced counts
     return {keys.B_GENE_IDS: ids, keys.B_GENE_MASK: mask, keys.B_SPLICED: spliced, keys.B_UNSPLICED: unspliced}
+
+
+def encoder_terms(enc: ZorroEncoder) -> int:
+    """Products summed along the encoder's path, for a rounding tolerance: the MLP's inner width, once per block."""
+    return int(enc.cfg.mlp_ratio * enc.cfg.d_model) * enc.cfg.depth
 
 
 def make_encoder(seed=0, **overrides):
@@ -177,7 +183,8 @@ def test_cell_is_independent_of_its_batch_and_padding_width():
     with torch.no_grad():
         a = enc(full)
         alone = enc({k: v[3:4, :12] for k, v in full.items()})  # cell 3 has 9 genes
-    torch.testing.assert_close(alone.z_global[0], a.z_global[3], rtol=1e-5, atol=1e-6)
+    # another batch shape blocks the matmuls differently: equal up to the rounding of each block's longest reduction
+    assert_close_rounding(alone.z_global[0], a.z_global[3], terms=encoder_terms(enc))
 
 
 def test_rmsnorm_swiglu_bins_variant_runs():
