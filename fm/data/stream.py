@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import logging
 import math
+import signal
 from collections import OrderedDict
 from dataclasses import dataclass, replace
 
@@ -76,6 +77,19 @@ def _generator(seed: list[int]) -> np.random.Generator:
 def _as_is(batch):
     """The batches are collated already (module level so workers can pickle it)."""
     return batch
+
+
+# A scheduler's stop signal goes to the whole process group (`scancel`, `timeout`, `kill -- -PGID`). A worker killed
+# by it makes the main process raise "DataLoader worker ... killed by signal" before it can save; the main process
+# (fm.tasks.callbacks.PreemptionCheckpoint) handles these, then shuts the workers down itself.
+WORKER_IGNORED_SIGNALS = tuple(getattr(signal, n) for n in ("SIGTERM", "SIGINT", "SIGUSR1") if hasattr(signal, n))
+
+
+def _leave_signals_to_main(worker_id: int) -> None:
+    """``worker_init_fn``: ignore the stop signals, then unblock them (they were blocked across the worker's start)."""
+    for sig in WORKER_IGNORED_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, WORKER_IGNORED_SIGNALS)
 
 
 _ALIGN = 64  # bytes: every region of a slot (and the slot header) starts on a cache line
@@ -527,7 +541,7 @@ class ShardedDataLoader(DataLoader):
                  fixed_epoch: int | None = None):
         dataset.num_workers = num_workers
         super().__init__(dataset, batch_size=None, shuffle=None, num_workers=num_workers, pin_memory=pin_memory,
-                         collate_fn=_as_is,
+                         collate_fn=_as_is, worker_init_fn=_leave_signals_to_main,
                          prefetch_factor=prefetch_factor if num_workers > 0 else None, persistent_workers=False,
                          multiprocessing_context=multiprocessing_context, timeout=timeout)
         self._next = (0, 0)  # (epoch, start batch) of the next iter()
@@ -560,10 +574,14 @@ class ShardedDataLoader(DataLoader):
         try:
             it = super().__iter__()  # starts the workers, which inherit the rings
         finally:
+        # blocked while the workers start, so none dies of a signal before _leave_signals_to_main ignores it (the
+        # mask is inherited); one sent meanwhile reaches this process when the mask is restored
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, WORKER_IGNORED_SIGNALS)
             self.dataset._rings = None
         return self._count(it, rings)
 
     def _count(self, it, rings: list[BatchRing] | None):
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         pin = self.pin_memory and torch.cuda.is_available()
         for batch in it:
             if isinstance(batch, _RingBatch):  # copied out before the next batch is asked for (see BatchRing)

@@ -1,8 +1,10 @@
-"""Training callbacks: throughput (cells/s, tokens/s), NaN/inf guard, preemption checkpoint on SIGTERM/SIGUSR1.
+"""Training callbacks: throughput (cells/s, tokens/s), NaN/inf guard, preemption checkpoint on SIGTERM/SIGUSR1,
+the progress bar.
 
 Configured in configs/callbacks/; e.g. ``python -m fm.train callbacks.throughput.window=50``. A preempted job
 (SLURM sends SIGUSR1 or SIGTERM before the kill) writes ``<dirpath>/preempt.ckpt`` at the end of the current step
-and stops cleanly; relaunch with ``ckpt_path=<dirpath>/preempt.ckpt``.
+and stops cleanly (DataLoader workers leave these signals to the main process: fm.data.stream); relaunch with
+``ckpt_path=<dirpath>/preempt.ckpt``. Between step checkpoints, ``callbacks.time_checkpoint`` saves every 10 minutes.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import RichProgressBar
 
 from fm import keys
 
@@ -125,3 +128,12 @@ class PreemptionCheckpoint(L.Callback):
         trainer.should_stop = True
         self._received = None
 
+
+class ProgressBar(RichProgressBar):
+    """Lightning's rich progress bar, with "Epoch 3" where Lightning writes "Epoch 3/-2" (``max_epochs=-1``: the
+    run is bounded by steps, which the bar's n/N shows)."""
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        max_epochs = self.trainer.max_epochs
+        description = f"Epoch {current_epoch}" + (f"/{max_epochs - 1}" if max_epochs and max_epochs > 0 else "")
+        return f"{description:{len(self.validation_description)}}"  # as Lightning pads it: no flicker
