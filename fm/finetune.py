@@ -21,7 +21,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from fm.train import CONFIG_DIR, fit, setup_run
+from fm.train import CONFIG_DIR, fit, setup_run, user_errors
 
 CHECKPOINT_KEYS = ("checkpoint", "ckpt_path")
 
@@ -63,7 +63,7 @@ def run_baseline(cfg: DictConfig, name: str, callbacks: list | None = None) -> d
             f"checkpoint: head={name} is a baseline, trained alone by BaselineTask without an encoder; "
             f"leave out checkpoint={cfg.checkpoint}"
         )
-    setup_run(cfg, ("ckpt_path",))
+    setup_run(cfg, ("ckpt_path",), optional=("checkpoint",))
     datamodule = instantiate(cfg.data)
     check_data(datamodule.config, len(datamodule.vocab), name)
     head = instantiate(cfg.head, _convert_="all")(n_genes=len(datamodule.vocab))
@@ -73,7 +73,8 @@ def run_baseline(cfg: DictConfig, name: str, callbacks: list | None = None) -> d
 
 @hydra.main(config_path=CONFIG_DIR, config_name="finetune", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
-    result = run(cfg)
+    with user_errors(cfg):
+        result = run(cfg)
     return result["metrics"].get(cfg.get("optimized_metric") or "train/loss")
 
 

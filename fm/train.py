@@ -15,12 +15,17 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import hydra
 import torch
+from hydra.errors import InstantiationException
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue
 
 log = logging.getLogger(__name__)
 
@@ -72,10 +77,58 @@ def compose(overrides: list[str], config_name: str = "pretrain") -> DictConfig:
         return hydra_compose(config_name, overrides=list(overrides))
 
 
-def setup_run(cfg: DictConfig, checkpoint_keys: tuple[str, ...] = ("ckpt_path", "init_ckpt")) -> None:
-    """What every run does first: check the checkpoint paths, seed everything, pick the matmul precision."""
+# what a user can get wrong before training: a key, a value, a file (each message names it)
+BAD_INPUT = (ValueError, FileNotFoundError, KeyError, MissingMandatoryValue)
+HYDRA_FILES = {".hydra"}  # and the job's <name>.log: all a run folder holds before training writes anything
+
+
+def check_config(cfg: DictConfig, optional: tuple[str, ...] = ()) -> None:
+    """Raise MissingMandatoryValue naming every required key (``???`` in configs/) left unset, but ``optional``."""
+    missing = sorted(k for k in OmegaConf.missing_keys(cfg) if not k.startswith("hydra.") and k not in optional)
+    if missing:
+        raise MissingMandatoryValue(f"{', '.join(missing)} must be set, e.g. `fm pretrain {missing[0]}=...`")
+
+
+@contextmanager
+def user_errors(cfg: DictConfig) -> Iterator[None]:
+    """Bad input (BAD_INPUT) becomes one line on stderr and exit code 2, and the run folder Hydra made before the
+    config could be checked is removed when nothing but Hydra's own files are in it. Hydra would print a traceback
+    and exit 1 (it catches every Exception; SystemExit passes through)."""
+    try:
+        yield
+    except (*BAD_INPUT, InstantiationException) as e:
+        cause = e.__cause__ if isinstance(e, InstantiationException) else e
+        if not isinstance(cause, BAD_INPUT) or os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        out = Path(cfg.output_dir)
+        if out.is_dir() and all(p.name in HYDRA_FILES or p.suffix == ".log" for p in out.iterdir()):
+            shutil.rmtree(out, ignore_errors=True)
+            for parent in out.parents:  # runs/pretrain/, runs/ when this run made them
+                if parent == Path.cwd() or not parent.is_dir() or any(parent.iterdir()):
+                    break
+                parent.rmdir()
+        message = cause.args[0] if isinstance(cause, KeyError) and cause.args else cause  # KeyError's repr quotes
+        sys.stderr.write(f"fm: error: {message}\n")
+        raise SystemExit(2) from None
+
+
+def _one_handler_for_lightning() -> None:
+    """``import lightning`` gives the ``lightning`` logger its own console handler and lets records propagate too;
+    under a configured root logger (Hydra's, the CLI's) every Lightning line then printed twice. The root's stays."""
+    if logging.getLogger().handlers:
+        lightning_log = logging.getLogger("lightning")
+        for handler in [h for h in lightning_log.handlers if type(h) is logging.StreamHandler]:
+            lightning_log.removeHandler(handler)
+
+
+def setup_run(cfg: DictConfig, checkpoint_keys: tuple[str, ...] = ("ckpt_path", "init_ckpt"),
+              optional: tuple[str, ...] = ()) -> None:
+    """What every run does first: check the config (every ``???`` key set but ``optional``) and checkpoint paths,
+    seed everything, pick the matmul precision."""
     import lightning as L
 
+    _one_handler_for_lightning()
+    check_config(cfg, optional)
     check_paths(cfg, checkpoint_keys)
     L.seed_everything(cfg.seed, workers=True)
     torch.set_float32_matmul_precision("high")
@@ -87,8 +140,11 @@ def fit(cfg: DictConfig, task, datamodule, callbacks: list | None = None) -> dic
     Returns the trainer, task, datamodule and the last logged scalar metrics.
     """
     from hydra.utils import instantiate
+    from lightning.pytorch.callbacks import ProgressBar
 
     cbs = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None] + list(callbacks or [])
+    if not cfg.trainer.get("enable_progress_bar", True):  # the trainer's switch wins (Lightning refuses both)
+        cbs = [c for c in cbs if not isinstance(c, ProgressBar)]
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
     trainer = instantiate(cfg.trainer, callbacks=cbs, logger=loggers or False)
     trainer.fit(task, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
@@ -130,7 +186,8 @@ def init_from_checkpoint(task, path: str | os.PathLike) -> None:
 
 @hydra.main(config_path=CONFIG_DIR, config_name="pretrain", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
-    result = run(cfg)
+    with user_errors(cfg):
+        result = run(cfg)
     return result["metrics"].get(cfg.get("optimized_metric") or "train/loss")
 
 
