@@ -2,7 +2,7 @@
 
 Construction reads and checks the manifest (format, schema version, vocabulary hash) and loads the vocabulary, so
 ``dm.vocab`` and ``dm.manifest`` exist before ``setup``. ``setup`` checks every shard (size, Arrow footer, schema,
-record batches; sha256 too with ``verify_checksums``) and splits the cells:
+record batches; sha256 too unless ``verify_checksums`` is off) and splits the cells:
 
 * ``split="hash"``: a cell is in validation iff a stable 64-bit hash of (dataset_id, cell_id) falls below
   ``val_fraction`` (fm.data.shards.hash_unit_interval), the same on every machine and run;
@@ -28,7 +28,7 @@ import lightning as L
 import numpy as np
 
 from fm import keys
-from fm.data.schema import VOCAB_NAME, CorpusError, load_manifest
+from fm.data.schema import VOCAB_NAME, CorpusError, Manifest, load_manifest
 from fm.data.shards import REMAINDERS, ShardReader, UnitIndex, check_shards, hash_unit_interval
 from fm.data.stream import ShardedArrowDataset, ShardedDataLoader, _rank_and_world_size
 from fm.data.tokenize import TokenizerConfig
@@ -59,7 +59,7 @@ class DataConfig:
     shuffle_buffer: int = 8192  # cells per shuffle window
     length_bucketing: bool = False  # batch cells of similar length (less padding; see docs/BENCHMARKS.md)
     tolerant: bool = False  # skip (and log) shards that fail their checks instead of failing
-    verify_checksums: bool = False  # sha256 every shard at setup (sizes, footers and schemas are always checked)
+    verify_checksums: bool = True  # sha256 every shard at setup (sizes, footers and schemas are always checked)
     val_batch_size: int | None = None  # default: batch_size
     pin_memory: bool = False
 
@@ -101,7 +101,7 @@ class CorpusDataModule(L.LightningDataModule):
                  target_sum: float = 1e4, seed: int = 0,
                  val_fraction: float = 0.05, split: str = "hash", val_datasets: list[str] | None = None,
                  remainder: str = "wrap", shuffle_buffer: int = 8192, length_bucketing: bool = False,
-                 tolerant: bool = False, verify_checksums: bool = False, val_batch_size: int | None = None,
+                 tolerant: bool = False, verify_checksums: bool = True, val_batch_size: int | None = None,
                  pin_memory: bool = False):
         super().__init__()
         args = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
@@ -114,6 +114,7 @@ class CorpusDataModule(L.LightningDataModule):
         unknown = sorted(set(self.config.val_datasets) - known)
         if unknown:
             raise ValueError(f"DataConfig.val_datasets: {unknown} not in the corpus (it has {sorted(known)})")
+        check_moments_normalization(self.manifest, self.config.tokenizer, self.config.corpus)
         self.train_index: UnitIndex | None = None
         self.val_index: UnitIndex | None = None
         self._train_loader: ShardedDataLoader | None = None
@@ -184,6 +185,19 @@ class CorpusDataModule(L.LightningDataModule):
         if self._train_loader is not None and self._stream_state is not None:
             self._train_loader.load_state_dict(self._stream_state)
             self._stream_state = None
+
+
+def check_moments_normalization(manifest: Manifest, tokenizer: TokenizerConfig, corpus: str) -> None:
+    """The corpus's moments were normalised by the rule the tokenizer applies to the counts (else Ms and the
+    normalised spliced value of a cell would be in different units)."""
+    for d in manifest.datasets:
+        norm = d.neighbourhood.get("normalization")
+        if norm is not None and norm != tokenizer.normalization:
+            raise CorpusError(
+                f"{corpus}: dataset {d.dataset_id!r} stores moments normalised by {norm!r} but data.normalization is "
+                f"{tokenizer.normalization!r}; set data.normalization={norm} or convert again with "
+                f"--normalization {tokenizer.normalization}"
+            )
 
 
 def split_index(index: UnitIndex, cfg: DataConfig) -> tuple[UnitIndex, UnitIndex]:

@@ -200,8 +200,11 @@ class ShardReader:
         self._file.close()
 
 
-def check_shard(corpus: str | os.PathLike, info, *, checksum: bool) -> None:
-    """Raise CorpusError naming the file if a shard is missing, of the wrong size/checksum or malformed."""
+def check_shard(corpus: str | os.PathLike, info, *, checksum: bool, source: str = "INPUT") -> None:
+    """Raise CorpusError naming the file if a shard is missing, of the wrong size/checksum or malformed.
+
+    ``source``: the file the shard was converted from (the manifest's dataset source), for the rebuild command.
+    """
     path = Path(corpus) / info.path
     if not path.is_file():
         raise CorpusError(f"{path}: shard listed in the manifest is missing")
@@ -209,7 +212,12 @@ def check_shard(corpus: str | os.PathLike, info, *, checksum: bool) -> None:
     if size != info.bytes:
         raise CorpusError(f"{path}: {size} bytes, manifest says {info.bytes}; truncated or rewritten shard")
     if checksum and (digest := sha256_file(path)) != info.sha256:
-        raise CorpusError(f"{path}: sha256 {digest[:12]} does not match the manifest's {info.sha256[:12]}")
+        # the converter keeps a finished shard (same settings) on a re-run, so the bad one must be deleted first
+        raise CorpusError(
+            f"{path}: sha256 {digest[:12]} does not match the manifest's {info.sha256[:12]}; the file changed after "
+            f"conversion (a corrupt copy or disk) and would train on altered values. Rebuild it: delete {path}, then "
+            f"`fm prep convert {source} --out {corpus}` with the settings it was built with"
+        )
     reader = ShardReader(str(path))
     try:
         meta = reader.schema.metadata or {}
@@ -236,10 +244,10 @@ def check_shards(corpus: str | os.PathLike, manifest: Manifest, *, checksum: boo
     Returns one flag per manifest shard (True: usable). Without ``tolerant`` the first bad shard raises; with it,
     bad shards are skipped, each logged, and the count is logged.
     """
-    ok = []
+    ok, sources = [], {d.dataset_id: d.source for d in manifest.datasets}
     for info in manifest.shards:
         try:
-            check_shard(corpus, info, checksum=checksum)
+            check_shard(corpus, info, checksum=checksum, source=sources.get(info.dataset_id, "INPUT"))
             ok.append(True)
         except CorpusError as e:
             if not tolerant:
