@@ -11,6 +11,7 @@
     fm evaluate my_fm.h5ad --transitions "Ductal>Ngn3 low EP"     # a table on screen, JSON on disk
     fm plot velocity my_fm.h5ad --out velocity.png                 # stream lines on X_umap (or a PCA)
     fm plot loss runs/pretrain/x runs/finetune/y --out loss.png
+    fm velocity my.h5ad --out my_velocity.h5ad --method stochastic   # a velocity teacher, moments, graph
 
 Each subcommand lives in the module that does the work and registers itself through ``add_parser``; heavy imports
 (torch, anndata) happen inside the command, so `fm --help` stays fast.
@@ -26,6 +27,7 @@ import sys
 def build_parser() -> argparse.ArgumentParser:
     from data_prep import convert, simulate, validate
     from fm import __version__, checkpoint, demo, evaluate, plot, predict
+    from fm.velocity import command as velocity_command
 
     parser = argparse.ArgumentParser(prog="fm", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"fm {__version__}")
@@ -56,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_parser(commands)
     predict.add_parser(commands)
     evaluate.add_parser(commands)
+    velocity_command.add_parser(commands)
     return parser
 
 
