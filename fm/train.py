@@ -147,9 +147,26 @@ def fit(cfg: DictConfig, task, datamodule, callbacks: list | None = None) -> dic
         cbs = [c for c in cbs if not isinstance(c, ProgressBar)]
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
     trainer = instantiate(cfg.trainer, callbacks=cbs, logger=loggers or False)
-    trainer.fit(task, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    failed = True
+    try:
+        trainer.fit(task, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        failed = False
+    finally:
+        finish_wandb(loggers, exit_code=int(failed))
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
     return {"trainer": trainer, "task": task, "datamodule": datamodule, "metrics": metrics}
+
+
+def finish_wandb(loggers: list, exit_code: int = 0) -> None:
+    """End the wandb run of ``loggers``' WandbLogger. Lightning leaves it open after ``fit``, and a sweep's jobs
+    (``-m``) run one after another in one process: the next job's WandbLogger would log into this job's run."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    if any(isinstance(logger, WandbLogger) for logger in loggers):
+        import wandb
+
+        if wandb.run is not None:
+            wandb.finish(exit_code=exit_code)
 
 
 def run(cfg: DictConfig, callbacks: list | None = None) -> dict:
