@@ -4,10 +4,11 @@
     python -c "import fm; m = fm.load_pretrained('releases/fm-velocity', attention='blocks'); print(m.head_name)"
 
 A release folder holds ``model.safetensors`` (the encoder's weights as ``encoder.*``, a fine-tuned head's as
-``head.*``), ``config.json`` (model config, head, vocabulary hash, tokenizer settings, what it was trained on),
-``vocab.tsv`` and a ``README.md`` model card. There is no pickle in a release: weights are safetensors, and
-:func:`load_pretrained` refuses ``.bin``/``.pt``/``.ckpt`` files. torch is imported inside the functions, so
-``fm --help`` and ``import fm`` stay fast.
+``head.*``; a baseline's release, of a cellDancer, scVI or scScope checkpoint, holds its head alone and no encoder),
+``config.json`` (model config, head, vocabulary hash, tokenizer settings, what it was trained on), ``vocab.tsv`` and a
+``README.md`` model card. There is no pickle in a release: weights are safetensors, and :func:`load_pretrained`
+refuses ``.bin``/``.pt``/``.ckpt`` files. torch is imported inside the functions, so ``fm --help`` and ``import fm``
+stay fast.
 """
 
 from __future__ import annotations
@@ -50,9 +51,10 @@ class ReleaseError(ValueError):
 
 @dataclass
 class Pretrained:
-    """A loaded release: the encoder, the fine-tuned head (or None), the vocabulary and config.json's content."""
+    """A loaded release: the encoder (None for a baseline), the head (None for a pretrained encoder), the vocabulary
+    and config.json's content."""
 
-    encoder: ZorroEncoder
+    encoder: ZorroEncoder | None
     head: Head | None
     vocab: GeneVocab
     config: dict[str, Any]
@@ -64,7 +66,7 @@ class Pretrained:
 
     @property
     def device(self) -> torch.device:
-        return next(self.encoder.parameters()).device
+        return next((self.encoder or self.head).parameters()).device
 
     def to(self, device: str | torch.device) -> Pretrained:
         for module in (self.encoder, self.head):
@@ -76,6 +78,8 @@ class Pretrained:
         """The encoder's output on a batch in the collator's layout (fm.keys), moved to the model's device."""
         import torch
 
+        if self.encoder is None:
+            raise ReleaseError(f"{self.path}: a {self.head_name} baseline release has no encoder to encode with")
         with torch.inference_mode():
             return self.encoder({k: v.to(self.device) for k, v in batch.items()})
 
@@ -105,8 +109,10 @@ def read_training_checkpoint(path: Path) -> dict:
     else:
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
     meta = ckpt.get(CKPT_KEY) if isinstance(ckpt, dict) else None
-    if not meta or "model_config" not in meta:
-        raise ReleaseError(f"{path}: not an fm training checkpoint (no '{CKPT_KEY}.model_config' entry)")
+    # an encoder's checkpoint records its model config; a baseline's (no encoder) its head and the head's config
+    if not meta or not ("model_config" in meta or ("head" in meta and "head_config" in meta)):
+        raise ReleaseError(f"{path}: not an fm training checkpoint (no '{CKPT_KEY}.model_config' entry, nor a "
+                           f"baseline's '{CKPT_KEY}.head')")
     return ckpt
 
 
@@ -114,8 +120,10 @@ def release_weights(ckpt: dict, source: Path) -> tuple[dict[str, torch.Tensor], 
     """The encoder's (and a fine-tuned head's) weights, namespaced, and the head's ``{name, config}``."""
     from fm.tasks.pretrain import CKPT_KEY
 
-    head_name = ckpt[CKPT_KEY].get("head")  # only fine-tuning checkpoints name a head; pretraining's is not released
-    prefixes = PREFIXES if head_name else PREFIXES[:1]
+    meta = ckpt[CKPT_KEY]
+    head_name = meta.get("head")  # only fine-tuning and baseline checkpoints name a head; pretraining's is not released
+    has_encoder = "model_config" in meta
+    prefixes = tuple(p for p, kept in zip(PREFIXES, (has_encoder, bool(head_name)), strict=True) if kept)
     # clone: safetensors refuses tensors that share storage
     state = {k: v.detach().cpu().contiguous().clone() for k, v in ckpt.get("state_dict", {}).items()
              if k.startswith(prefixes)}
@@ -150,8 +158,9 @@ def release_vocab(ckpt: dict, source: Path, vocab_path: str | os.PathLike | None
     if vocab.hash != expected:
         raise ReleaseError(f"{vocab_path}: vocabulary hash {vocab.hash[:12]}... differs from {source}'s "
                            f"{CKPT_KEY}.vocab_hash {expected[:12]}...; pass the training corpus's vocab.tsv")
-    n_rows = meta["model_config"]["vocab_size"]
-    if len(vocab) != n_rows:
+    # a baseline models the vocabulary's genes as its n_genes
+    n_rows = meta["model_config"]["vocab_size"] if "model_config" in meta else meta["head_config"].get("n_genes")
+    if n_rows is not None and len(vocab) != n_rows:
         raise ReleaseError(f"{vocab_path}: {len(vocab)} genes but the model embeds vocab_size={n_rows}")
     return vocab
 
@@ -173,8 +182,8 @@ def release_config(ckpt: dict, source: Path, head: dict | None, vocab: GeneVocab
         "format": RELEASE_FORMAT,
         "format_version": RELEASE_VERSION,
         "fm_version": __version__,
-        "task": "finetune" if head else "pretrain",
-        "model": ckpt[CKPT_KEY]["model_config"],
+        "task": ("finetune" if head else "pretrain") if "model_config" in ckpt[CKPT_KEY] else "baseline",
+        "model": ckpt[CKPT_KEY].get("model_config"),  # None: a baseline, no encoder
         "head": head,
         "vocab_hash": vocab.hash,
         "n_genes": len(vocab),
@@ -193,18 +202,20 @@ def release_config(ckpt: dict, source: Path, head: dict | None, vocab: GeneVocab
 def model_card(config: dict[str, Any]) -> str:
     """README.md of a release: what it is, its config, the data it was trained on as recorded, how to load it."""
     m, head, train = config["model"], config["head"], config["training"]
-    what = (f"A Zorro encoder fine-tuned with a `{head['name']}` head" if head
+    what = (f"A `{head['name']}` baseline (no encoder)" if m is None
+            else f"A Zorro encoder fine-tuned with a `{head['name']}` head" if head
             else "A contrastively pretrained Zorro encoder (no decoder head)")
     lines = [
         "# fm release", "",
         f"{what}: a foundation model for RNA velocity that reads spliced and unspliced counts as two "
         f"modalities of one cell. Exported by fm {config['fm_version']} (release format {config['format_version']}).",
         "", "## Model", "",
-        f"- width {m['d_model']}, depth {m['depth']}, {m['n_heads']} heads, {m['n_fusion']} fusion tokens, "
-        f"{m['norm']}, {m['mlp']} MLP, {m['pooling']} pooling, {m['value_encoding']} values",
-        f"- vocabulary: {config['n_genes']} genes (`vocab.tsv`, sha256 `{config['vocab_hash']}`)",
-        f"- attention backend at training: `{m['attention']}` (any backend loads these weights)",
     ]
+    if m is not None:
+        lines += [f"- width {m['d_model']}, depth {m['depth']}, {m['n_heads']} heads, {m['n_fusion']} fusion tokens, "
+                  f"{m['norm']}, {m['mlp']} MLP, {m['pooling']} pooling, {m['value_encoding']} values",
+                  f"- attention backend at training: `{m['attention']}` (any backend loads these weights)"]
+    lines.append(f"- vocabulary: {config['n_genes']} genes (`vocab.tsv`, sha256 `{config['vocab_hash']}`)")
     if head:
         lines.append(f"- head `{head['name']}`: " + ", ".join(f"{k}={v}" for k, v in head["config"].items()))
     if config["tokenizer"]:
@@ -402,40 +413,51 @@ def load_pretrained(path_or_repo_id: str | os.PathLike, *, attention: str | None
 
     from fm.model.config import ZorroConfig
     from fm.model.zorro import ZorroEncoder
+    from fm.tasks.baseline import BASELINES
     from fm.tasks.finetune import HEADS, model_width
 
     folder = resolve_release(path_or_repo_id, revision, cache_dir, local_files_only)
     config = read_release_config(folder)
-    try:
-        model_cfg = ZorroConfig.from_dict({**config["model"], **({"attention": attention} if attention else {})})
-    except (TypeError, ValueError) as e:
-        raise ReleaseError(f"{folder / CONFIG_NAME}: field 'model': {e}") from e
+    head = config["head"]
+    model_cfg = None  # a baseline's release: no encoder, the head alone
+    if config["model"] is not None:
+        try:
+            model_cfg = ZorroConfig.from_dict({**config["model"], **({"attention": attention} if attention else {})})
+        except (TypeError, ValueError) as e:
+            raise ReleaseError(f"{folder / CONFIG_NAME}: field 'model': {e}") from e
+    elif not head:
+        raise ReleaseError(f"{folder / CONFIG_NAME}: fields 'model' and 'head' are both null; nothing to load")
     vocab = GeneVocab.load(folder / VOCAB_NAME)
     if vocab.hash != config["vocab_hash"]:
         raise ReleaseError(f"{folder / VOCAB_NAME}: hash {vocab.hash[:12]}... differs from {CONFIG_NAME} field "
                            f"'vocab_hash' {str(config['vocab_hash'])[:12]}...; the file was changed or is another "
                            "model's vocabulary")
-    if len(vocab) != model_cfg.vocab_size:
-        raise ReleaseError(f"{folder / VOCAB_NAME}: {len(vocab)} genes, {CONFIG_NAME} model.vocab_size is "
-                           f"{model_cfg.vocab_size}")
+    # a baseline models the vocabulary's genes as its n_genes
+    n_rows = model_cfg.vocab_size if model_cfg is not None else (head.get("config") or {}).get("n_genes")
+    if n_rows is not None and len(vocab) != n_rows:
+        raise ReleaseError(f"{folder / VOCAB_NAME}: {len(vocab)} genes, {CONFIG_NAME} "
+                           f"{'model.vocab_size' if model_cfg is not None else 'head.config.n_genes'} is {n_rows}")
 
-    modules = torch.nn.ModuleDict({"encoder": ZorroEncoder(model_cfg)})
-    head = config["head"]
+    modules = torch.nn.ModuleDict({"encoder": ZorroEncoder(model_cfg)} if model_cfg is not None else {})
     if head:
-        if head.get("name") not in HEADS:
-            raise ReleaseError(f"{folder / CONFIG_NAME}: field 'head.name' must be one of {tuple(HEADS)}, "
+        registry = HEADS if model_cfg is not None else BASELINES  # a head on an encoder, or a baseline alone
+        if head.get("name") not in registry:
+            raise ReleaseError(f"{folder / CONFIG_NAME}: field 'head.name' must be one of {tuple(registry)}"
+                               f"{'' if model_cfg is not None else ' (a release without a model)'}, "
                                f"got {head.get('name')!r}")
-        config_cls, head_cls = HEADS[head["name"]]
+        config_cls, head_cls = registry[head["name"]]
         try:
             head_config = config_cls(**head.get("config", {}))
         except (TypeError, ValueError) as e:
             raise ReleaseError(f"{folder / CONFIG_NAME}: field 'head.config': {e}") from e
-        modules["head"] = head_cls(model_width(model_cfg), model_cfg.vocab_size, head_config)
+        modules["head"] = (head_cls(model_width(model_cfg), model_cfg.vocab_size, head_config)
+                           if model_cfg is not None else head_cls(head_config))
     state = read_weights(folder)
     check_state(state, modules.state_dict(), folder / WEIGHTS_NAME)
     modules.load_state_dict(state, strict=True)
     modules.to(device).eval()
-    return Pretrained(modules["encoder"], modules["head"] if head else None, vocab, config, folder)
+    return Pretrained(modules["encoder"] if model_cfg is not None else None, modules["head"] if head else None,
+                      vocab, config, folder)
 
 
 # --- command line ----------------------------------------------------------------------------------------------------

@@ -46,6 +46,7 @@ LAYER_ALPHA = "fm_alpha"  # predicted per cell-gene transcription rate
 LAYER_BETA = "fm_beta"  # predicted per cell-gene splicing rate
 LAYER_GAMMA = "fm_gamma"  # predicted per cell-gene degradation rate
 LAYER_IMPUTED = {LAYER_SPLICED: "fm_imputed_spliced", LAYER_UNSPLICED: "fm_imputed_unspliced"}  # expression head
+LAYER_IMPUTED_TOTAL = "fm_imputed_total"  # a baseline (scVI, scScope) fitted on spliced + unspliced
 OBSM_FUSION = "X_fm_fusion"  # the encoder's mean fusion token
 VAR_FM_IN_VOCAB = "fm_in_vocab"  # bool: the gene maps onto the model's vocabulary
 VAR_VELOCITY_GENES = "velocity_genes"  # scVelo's genes-with-velocity flag (written only when the input has none)

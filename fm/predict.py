@@ -54,13 +54,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 QUERY_BUDGET = 1 << 27  # most attention-score elements (cells x queries x heads x keys) of one decoder call
-VELOCITY_LAYERS = {  # velocity head output -> layer
-    "velocity": keys.LAYER_VELOCITY,
-    "velocity_u": keys.LAYER_VELOCITY_U,
-    "alpha": keys.LAYER_ALPHA,
-    "beta": keys.LAYER_BETA,
-    "gamma": keys.LAYER_GAMMA,
-}
 MODALITY_LAYERS = {"spliced": keys.LAYER_SPLICED, "unspliced": keys.LAYER_UNSPLICED}
 LIBRARY_KEYS = {"spliced": keys.B_LIBRARY_SIZE_SPLICED, "unspliced": keys.B_LIBRARY_SIZE_UNSPLICED}
 
@@ -179,17 +172,16 @@ class _Plan:
 
 
 def _plans(models: list[Pretrained], max_genes: int | None) -> list[_Plan]:
+    """Each model's tokenizer and the layers its head declares (Head.predict_layers); no layer written twice."""
     plans, owner = [], {}
     for i, model in enumerate(models):
-        plan = _Plan(model, tokenizer_for(model, max_genes))
-        head = model.head_name
-        if head == "velocity":
-            plan.layers = dict(VELOCITY_LAYERS)
-        elif head == "expression":
-            plan.layers = {name: keys.LAYER_IMPUTED[layer] for name, layer in MODALITY_LAYERS.items()}
-        elif head == "generative":
-            log.warning("%s: a generative head; fm predict writes no layer for it%s", model.path,
-                        " (the embedding only)" if i == 0 else " (nothing)")
+        # a baseline models every vocabulary gene densely: every stored gene of a cell must be a token
+        plan = _Plan(model, tokenizer_for(model, max_genes if model.encoder is not None else len(model.vocab)))
+        if model.head is not None:
+            plan.layers = {name: out.layer for name, out in model.head.predict_layers().items()}
+            if not plan.layers:
+                log.warning("%s: a %s head; fm predict writes no layer for it%s", model.path, model.head_name,
+                            " (the embedding only)" if i == 0 else " (nothing)")
         elif i > 0:
             log.warning("%s: no head and not the first model; it contributes nothing", model.path)
         for layer in plan.layers.values():
@@ -201,26 +193,8 @@ def _plans(models: list[Pretrained], max_genes: int | None) -> list[_Plan]:
 
 
 def _layer_docs(plans: list[_Plan]) -> dict[str, str]:
-    docs = {}
-    for plan in plans:
-        if plan.model.head_name == "velocity":
-            how = plan.model.head.config.velocity_param
-            docs.update({
-                keys.LAYER_VELOCITY: f"ds/dt, normalised log1p spliced units per unit time (velocity_param={how})",
-                keys.LAYER_VELOCITY_U: f"du/dt, normalised log1p unspliced units per unit time (velocity_param={how})",
-                keys.LAYER_ALPHA: "transcription rate alpha per cell and gene (model units, in (0, rate_max))",
-                keys.LAYER_BETA: "splicing rate beta per cell and gene (model units, in (0, rate_max))",
-                keys.LAYER_GAMMA: "degradation rate gamma per cell and gene (model units, in (0, rate_max))",
-            })
-        elif plan.model.head_name == "expression":
-            loss = plan.model.head.config.loss
-            for name, layer in MODALITY_LAYERS.items():
-                docs[keys.LAYER_IMPUTED[layer]] = (
-                    f"predicted normalised log1p {name} value (loss=mse; log1p(counts / library * target_sum))"
-                    if loss == "mse" else
-                    f"expected {name} counts: the NB mean (loss={loss}; zero inflation not applied) at the cell's "
-                    f"{name} library size, softmax over all of the input's in-vocabulary genes")
-    return docs
+    return {out.layer: out.doc for plan in plans if plan.model.head is not None
+            for out in plan.model.head.predict_layers().values()}
 
 
 def _check_free(adata: anndata.AnnData, plans: list[_Plan], source: str, overwrite: bool) -> None:
@@ -379,9 +353,9 @@ def predict(models: Pretrained | Sequence[Pretrained], adata: anndata.AnnData, *
         for m in models:
             m.to(device)
     for m in models:
-        m.encoder.eval()
-        if m.head is not None:
-            m.head.eval()
+        for module in (m.encoder, m.head):  # a baseline's release has no encoder, a pretrained one no head
+            if module is not None:
+                module.eval()
 
     M = len(genes.vocab_ids_M)
     vocab_to_m = np.full(len(vocab), -1, np.int64)
@@ -405,6 +379,11 @@ def predict(models: Pretrained | Sequence[Pretrained], adata: anndata.AnnData, *
                 dev = plan.model.device
                 batch = tokenize_block(block, plan.tokenizer, rng, targets=())
                 tensors = {k: v.to(dev) for k, v in batch.items() if torch.is_tensor(v)}
+                if plan.model.encoder is None:  # a baseline: the head alone on the batch, [B, V] over the vocabulary
+                    pred = plan.model.head({**batch, **tensors}, None)
+                    for name, layer in plan.layers.items():
+                        layers[layer][a:b, genes.columns_M] = pred[name][:, genes.vocab_ids_M].float().cpu().numpy()
+                    continue
                 enc = plan.model.encoder(tensors)
                 if i == 0:
                     if embedding is None:
@@ -426,8 +405,9 @@ def predict(models: Pretrained | Sequence[Pretrained], adata: anndata.AnnData, *
     out = adata.copy()
     for layer, values in layers.items():
         out.layers[layer] = values
-    out.obsm[keys.OBSM_EMBEDDING] = embedding
-    out.obsm[keys.OBSM_FUSION] = fusion
+    if embedding is not None:  # the first model has an encoder (a baseline's release has none)
+        out.obsm[keys.OBSM_EMBEDDING] = embedding
+        out.obsm[keys.OBSM_FUSION] = fusion
     out.var[keys.VAR_FM_IN_VOCAB] = genes.in_vocab_V
     wrote_velocity_genes = keys.LAYER_VELOCITY in layers and keys.VAR_VELOCITY_GENES not in adata.var.columns
     if wrote_velocity_genes:
@@ -450,7 +430,8 @@ def predict(models: Pretrained | Sequence[Pretrained], adata: anndata.AnnData, *
         "n_cells_without_counts": n_empty,
         "layers": _layer_docs(plans),
         "obsm": {keys.OBSM_EMBEDDING: "the first model's encoder z_global (cell summary)",
-                 keys.OBSM_FUSION: "the first model's encoder z_fusion (mean fusion token)"},
+                 keys.OBSM_FUSION: "the first model's encoder z_fusion (mean fusion token)"} if embedding is not None
+        else {},
         "var": {keys.VAR_FM_IN_VOCAB: "the gene maps onto the vocabulary (outputs are NaN elsewhere)",
                 **({keys.VAR_VELOCITY_GENES: "= fm_in_vocab (written because the input had none)"}
                    if wrote_velocity_genes else {})},
@@ -503,7 +484,8 @@ def run(args: argparse.Namespace) -> int:
                      overwrite=args.overwrite, source=str(inp), allow_non_integer=args.allow_non_integer)
     write_h5ad_atomic(result, out)
     g = result.uns[keys.UNS_FM]["genes"]
-    written = [f"layers['{k}']" for k in result.uns[keys.UNS_FM]["layers"]] + [f"obsm['{keys.OBSM_EMBEDDING}']"]
+    written = [f"layers['{k}']" for k in result.uns[keys.UNS_FM]["layers"]] + [
+        f"obsm['{k}']" for k in result.uns[keys.UNS_FM]["obsm"]]
     print(f"fm predict: wrote {out} ({result.n_obs} cells; {g['n_matched']}/{g['n_input']} genes in the vocabulary, "
           f"read from {g['field']}, the others NaN): {', '.join(written)}")
     return 0

@@ -40,7 +40,7 @@ from torch import Tensor, nn
 
 from fm import keys
 from fm.baselines.common import check_positive, densify
-from fm.heads.base import Head, LossOutput, check_fields
+from fm.heads.base import Head, LossOutput, PredictLayer, check_fields
 
 log = logging.getLogger(__name__)
 PREDICT_TILE = 1 << 14  # points (cell-gene pairs) per tile of the networks when predicting
@@ -87,6 +87,20 @@ class CellDancerConfig:
 class CellDancerHead(Head):
     """Per-gene kinetic networks; ``forward`` gives per cell-gene α, β, γ and velocity, ``loss`` the cosine cost."""
 
+    uses_encoder = False
+
+    def predict_layers(self) -> dict[str, PredictLayer]:
+        units = ("normalised counts (counts / library * target_sum)" if self.config.input == "normalized"
+                 else "raw counts")  # fmt: skip
+        rate = "cellDancer's {} rate per cell and gene, in the plane of each gene's (u, s) over its training maxima"
+        return {
+            "velocity": PredictLayer(keys.LAYER_VELOCITY, f"cellDancer's ds/dt, spliced {units} per unit time"),
+            "velocity_u": PredictLayer(keys.LAYER_VELOCITY_U, f"cellDancer's du/dt, unspliced {units} per unit time"),
+            "alpha": PredictLayer(keys.LAYER_ALPHA, rate.format("transcription")),
+            "beta": PredictLayer(keys.LAYER_BETA, rate.format("splicing")),
+            "gamma": PredictLayer(keys.LAYER_GAMMA, rate.format("degradation")),
+        }
+
     def __init__(self, config: CellDancerConfig | None = None, **kwargs):
         super().__init__()
         self.config = config if config is not None else CellDancerConfig(**kwargs)
@@ -100,8 +114,10 @@ class CellDancerHead(Head):
             nn.init.uniform_(b, -bound, bound)
         # per-gene early stopping (the package's EarlyStopping), advanced by ``loss`` in training mode
         self.register_buffer("running", torch.ones(V, dtype=torch.bool))  # genes still training
-        self.register_buffer("smoothed_cost", torch.full((V,), float("nan")))
-        self.register_buffer("best_cost", torch.full((V,), float("inf")))
+        # finite "none yet" values: a checkpoint holding NaN or inf is refused (fm.tasks.callbacks.NanGuard)
+        self.register_buffer("smoothed_cost", torch.zeros(V))
+        self.register_buffer("has_cost", torch.zeros(V, dtype=torch.bool))  # smoothed_cost holds a cost
+        self.register_buffer("best_cost", torch.full((V,), torch.finfo(torch.float32).max))
         self.register_buffer("bad_checks", torch.zeros(V, dtype=torch.long))
         self.register_buffer("stopped_at", torch.full((V,), -1, dtype=torch.long))  # step a gene stopped, -1: running
         self.register_buffer("steps", torch.zeros((), dtype=torch.long))
@@ -124,13 +140,14 @@ class CellDancerHead(Head):
         if c.patience == 0:
             return
         upd = self.running & has_points_V
-        prev = torch.where(torch.isnan(self.smoothed_cost), cost_V, self.smoothed_cost)
+        prev = torch.where(self.has_cost, self.smoothed_cost, cost_V)
         smoothed = c.smooth_weight * cost_V + (1 - c.smooth_weight) * prev
         self.smoothed_cost.copy_(torch.where(upd, smoothed, self.smoothed_cost))
+        self.has_cost |= upd
         self.steps += 1
         if int(self.steps) % c.check_every:
             return
-        better = self.running & (self.smoothed_cost < self.best_cost)  # NaN (never had points): not better
+        better = self.running & self.has_cost & (self.smoothed_cost < self.best_cost)  # never had points: not better
         self.best_cost.copy_(torch.where(better, self.smoothed_cost, self.best_cost))
         self.bad_checks.copy_(torch.where(better, 0, self.bad_checks + self.running.long()))
         stop = self.running & (self.bad_checks >= c.patience)
@@ -223,17 +240,20 @@ class CellDancerHead(Head):
         0.01 grid with ``norm_cell_distribution``, else all.
 
         These depend on the batch and the maxima only, so the last batch's are kept: training on one batch again and
-        again (as the
-        package's epochs over one table, and bench/baselines) reuses them instead of redoing them at every step.
+        again (as the package's epochs over one table, and bench/baselines) reuses them instead of redoing them at
+        every step. Inference tensors (torch.inference_mode, as fm predict runs) have no version to check: not kept.
         """
         inputs = [batch[k] for k in (keys.B_GENE_IDS, keys.B_GENE_MASK, keys.B_SPLICED, keys.B_UNSPLICED,
                                      keys.B_SPLICED_COUNTS, keys.B_UNSPLICED_COUNTS)]  # fmt: skip
+        keep = not any(x.is_inference() for x in inputs)
+
         def stamp():  # the maxima's versions too: training, or loading weights, changes them in place
             return (fitting, self.weights[0].dtype, self.u_max._version, self.s_max._version,
                     *(x._version for x in inputs))  # fmt: skip
 
         cached = self.__dict__.get("_points_cache")  # (stamp, inputs, points): the inputs held, so ids stay unique
-        if cached is not None and cached[0] == stamp() and all(a is b for a, b in zip(cached[1], inputs, strict=True)):
+        if (keep and cached is not None and cached[0] == stamp()
+                and all(a is b for a, b in zip(cached[1], inputs, strict=True))):
             return cached[2]
         u_BV, s_BV = self.dense_us(batch)
         u_VB, s_VB = u_BV.T.contiguous(), s_BV.T.contiguous()
@@ -251,7 +271,8 @@ class CellDancerHead(Head):
                 un_VB, sn_VB = torch.round(un_VB, decimals=2), torch.round(sn_VB, decimals=2)
                 fit_VB = first_occurrence(un_VB, sn_VB)
             out = (un_VB, sn_VB, umax_V1, smax_V1, *fit_VB.nonzero(as_tuple=True))
-        self._points_cache = (stamp(), inputs, out)
+        if keep:
+            self._points_cache = (stamp(), inputs, out)
         return out
 
     @torch.no_grad()

@@ -60,6 +60,11 @@ def mlp_block(n_in: int, n_out: int, dropout: float, batch_norm: bool = True) ->
     return nn.Sequential(*layers)
 
 
+def imputed_layer(modality: str) -> str:
+    """The layer fm predict writes a baseline's imputed ``spliced``, ``unspliced`` or ``total`` expression to."""
+    return keys.LAYER_IMPUTED_TOTAL if modality == "total" else keys.LAYER_IMPUTED[modality]
+
+
 def check_positive(config, *names: str) -> None:
     """Raise a ValueError naming the first listed field of ``config`` that is not > 0."""
     for name in names:

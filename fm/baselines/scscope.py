@@ -24,8 +24,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fm import keys
-from fm.baselines.common import MODALITY_KEYS, check_positive, densify
-from fm.heads.base import Head, LossOutput, check_fields
+from fm.baselines.common import MODALITY_KEYS, check_positive, densify, imputed_layer
+from fm.heads.base import Head, LossOutput, PredictLayer, check_fields
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +63,14 @@ def _relu_stack(widths: list[int]) -> nn.ModuleList:
 
 class ScScopeHead(Head):
     """Recurrent imputing autoencoder; ``forward`` returns the T latents and outputs, ``loss`` the masked error."""
+
+    uses_encoder = False
+
+    def predict_layers(self) -> dict[str, PredictLayer]:
+        m = self.config.modality
+        return {"imputed": PredictLayer(imputed_layer(m), (
+            f"scScope's imputed {m} expression: the mean of its {self.config.n_iterations} decoder outputs, in "
+            "normalised log1p units (log1p(counts / library * target_sum))"))}
 
     def __init__(self, config: ScScopeConfig | None = None, **kwargs):
         super().__init__()

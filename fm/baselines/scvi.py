@@ -23,9 +23,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fm import keys
-from fm.baselines.common import check_positive, dense_counts, mlp_block
+from fm.baselines.common import check_positive, dense_counts, imputed_layer, mlp_block
 from fm.distributions import nb_log_prob, zinb_log_prob
-from fm.heads.base import Head, LossOutput, check_fields
+from fm.heads.base import Head, LossOutput, PredictLayer, check_fields
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +67,14 @@ def _stack(n_in: int, n_hidden: int, n_layers: int, dropout: float) -> nn.Sequen
 
 class SCVIHead(Head):
     """ZINB VAE; ``forward`` returns the posterior and the decoder's parameters, ``loss`` the (warmed-up) ELBO."""
+
+    uses_encoder = False
+
+    def predict_layers(self) -> dict[str, PredictLayer]:
+        c = self.config
+        return {"imputed": PredictLayer(imputed_layer(c.modality), (
+            f"scVI's imputed {c.modality} counts: the decoder's mean at the posterior mean and the observed library "
+            f"size{', times 1 - the zero-inflation probability' if c.likelihood == 'zinb' else ''}"))}
 
     def __init__(self, config: SCVIConfig | None = None, **kwargs):
         super().__init__()

@@ -8,6 +8,9 @@ A head turns the encoder's output into predictions and a loss:
 
 A head that needs its input corrupted before the encoder sees it (masked-value reconstruction) does that in
 ``prepare(batch, generator)``, which the task calls before the encoder; the default returns the batch untouched.
+A head declares what ``fm predict`` writes from its outputs (``predict_layers``: output -> AnnData layer and what it
+holds), so that prediction, export and evaluation hold no head names; ``uses_encoder`` is False for the baselines,
+which are released and run without an encoder, their outputs dense over the vocabulary [B, V].
 Heads are single-device modules: they never call torch.distributed themselves (global negatives go through
 :mod:`fm.distributed`).
 """
@@ -17,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import typing
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -81,8 +85,24 @@ class LossOutput:
         return out
 
 
+@dataclass(frozen=True)
+class PredictLayer:
+    """A layer ``fm predict`` writes from one of a head's outputs."""
+
+    layer: str  # the AnnData layer (fm.keys), cells x genes
+    doc: str  # what it holds and in which units (written to uns['fm']['layers'])
+
+
 class Head(nn.Module):
     """Base class of heads: ``prepare`` (optional input corruption), ``forward`` and ``loss``."""
+
+    # False: the head reads the batch alone (a baseline) and its outputs are [B, V] over the vocabulary; a release of
+    # it holds no encoder
+    uses_encoder: ClassVar[bool] = True
+
+    def predict_layers(self) -> dict[str, PredictLayer]:
+        """Output name -> the layer ``fm predict`` writes it to (default: none; the head is not predicted with)."""
+        return {}
 
     def prepare(self, batch: dict, generator: torch.Generator | None = None) -> dict:
         """Return the batch the encoder should see (default: unchanged)."""

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from fm import keys
 from fm.distributions import nb_log_prob, zinb_log_prob
-from fm.heads.base import Head, LossOutput, check_fields
+from fm.heads.base import Head, LossOutput, PredictLayer, check_fields
 from fm.model.pooling import CrossAttentionPooling
 
 log = logging.getLogger(__name__)
@@ -211,6 +211,17 @@ class ExpressionHead(Head):
         # per-gene, per-modality log inverse dispersion (scVI's "gene" dispersion)
         self.log_theta = nn.Embedding(vocab_size, 2)
         nn.init.constant_(self.log_theta.weight, float(torch.tensor(c.theta_init).log()))
+
+    def predict_layers(self) -> dict[str, PredictLayer]:
+        """Per modality: mse, the predicted log1p value; nb/zinb, the expected counts, which fm predict computes from
+        ``{modality}_logits`` by a softmax over all of the input's in-vocabulary genes."""
+        loss = self.config.loss
+        return {name: PredictLayer(keys.LAYER_IMPUTED[name], (
+            f"predicted normalised log1p {name} value (loss=mse; log1p(counts / library * target_sum))"
+            if loss == "mse" else
+            f"expected {name} counts: the NB mean (loss={loss}; zero inflation not applied) at the cell's "
+            f"{name} library size, softmax over all of the input's in-vocabulary genes"))
+            for name in (keys.LAYER_SPLICED, keys.LAYER_UNSPLICED)}  # fmt: skip
 
     def prepare(self, batch: dict, generator: torch.Generator | None = None) -> dict:
         """Hide ``mask_fraction`` of each cell's real tokens from the encoder (at least one token stays visible)."""

@@ -42,7 +42,7 @@ import torch
 from torch import Tensor
 
 from fm import keys
-from fm.heads.base import Head, LossOutput, check_fields
+from fm.heads.base import Head, LossOutput, PredictLayer, check_fields
 from fm.heads.expression import GeneQuery, GeneQueryDecoder, batch_union, build_config, densify
 
 log = logging.getLogger(__name__)
@@ -154,6 +154,19 @@ class VelocityHead(Head):
         super().__init__()
         self.config = c = build_config(VelocityConfig, config)
         self.decoder = GeneQueryDecoder(dim, vocab_size, c.n_heads, 5, c.hidden_mult)
+
+    def predict_layers(self) -> dict[str, PredictLayer]:
+        how = self.config.velocity_param
+        rate = "rate {} per cell and gene (model units, in (0, rate_max))"
+        return {
+            "velocity": PredictLayer(keys.LAYER_VELOCITY,
+                                     f"ds/dt, normalised log1p spliced units per unit time (velocity_param={how})"),
+            "velocity_u": PredictLayer(keys.LAYER_VELOCITY_U,
+                                       f"du/dt, normalised log1p unspliced units per unit time (velocity_param={how})"),
+            "alpha": PredictLayer(keys.LAYER_ALPHA, "transcription " + rate.format("alpha")),
+            "beta": PredictLayer(keys.LAYER_BETA, "splicing " + rate.format("beta")),
+            "gamma": PredictLayer(keys.LAYER_GAMMA, "degradation " + rate.format("gamma")),
+        }
 
     def forward(self, batch: dict, encoder_output, query: GeneQuery | None = None) -> dict[str, Tensor]:
         """Per query gene: velocity (ds/dt), velocity_u (du/dt), alpha, beta, gamma, and the query mask.
