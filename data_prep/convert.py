@@ -35,11 +35,13 @@ from pathlib import Path
 
 import numpy as np
 
+from data_prep.neighbourhoods import NEIGHBOURHOOD_DIR, write_dataset_moments
 from data_prep.shard_tasks import ShardTask, read_shard_info, shard_settings_hash, write_shard_task
 from data_prep.sources import ConversionError
 from data_prep.stats import BlockStats, FilterConfig, cell_mask, collect_stats, gene_mask, merge_stats
 from data_prep.targets import DatasetSpec, TargetConfig, inspect_input
 from data_prep.vocab import build_vocab, map_onto
+from fm import keys
 from fm.data.schema import (
     MANIFEST_NAME,
     SCHEMA_VERSION,
@@ -52,6 +54,7 @@ from fm.data.schema import (
 from fm.data.vocab import GeneVocab
 from fm.data.writer import shard_name, write_manifest
 from fm.progress import progress_bar
+from fm.velocity.neighbours import NORMALIZATIONS, NeighbourConfig
 
 __all__ = ["ConversionError", "FilterConfig", "TargetConfig", "convert", "add_parser"]
 
@@ -150,6 +153,7 @@ class _Job:
     allow_non_integer: bool
     overwrite: bool
     progress: bool
+    neighbours: NeighbourConfig
 
 
 def convert(
@@ -166,6 +170,7 @@ def convert(
     dataset_ids: list[str] | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    neighbours: NeighbourConfig = NeighbourConfig(),  # noqa: B008 (frozen)
 ) -> Manifest:
     """Convert ``inputs`` into the corpus folder ``out`` and return its manifest.
 
@@ -182,6 +187,8 @@ def convert(
         dataset_ids: one per input; default the file stems.
         overwrite: replace shards written with other settings instead of stopping.
         progress: show rich progress bars.
+        neighbours: each dataset's neighbourhood, whose moments are stored as ``Ms``/``Mu``
+            (``NeighbourConfig(n_neighbours=0)``: none).
     Raises:
         ConversionError: bad input, naming the file and the field; nothing is left half-written.
     """
@@ -206,6 +213,7 @@ def convert(
         "shard_size": shard_size,
         "record_batch_size": record_batch_size,
         "allow_non_integer": allow_non_integer,
+        "neighbours": neighbours.to_dict(),
     }
     settings_hash = _settings_hash(datasets, settings)
     out = Path(out)
@@ -219,7 +227,7 @@ def convert(
                 return done
             return _convert_locked(
                 _Job(paths, out, datasets, inspected, given_vocab, filters, settings_hash, workers, shard_size,
-                     record_batch_size, allow_non_integer, overwrite, progress)
+                     record_batch_size, allow_non_integer, overwrite, progress, neighbours)
             )
     except ConversionError:
         if created:  # bad input into a new folder: leave nothing behind (an interrupted run keeps its shards)
@@ -288,12 +296,26 @@ def _convert_locked(job: _Job) -> Manifest:
             vocab = job.given_vocab
         plan: list[ShardTask] = []
         infos: list[DatasetInfo] = []
-        per_input = zip(job.paths, job.datasets, job.inspected, gene_keep, stats, strict=True)
-        for path, ds, (_, ids, syms), keep, st in per_input:
-            index, mapping = map_onto(vocab, ids, syms, keep)
-            cells = np.flatnonzero(cell_mask(st, job.filters))
+        mapped = [map_onto(vocab, ids, syms, keep)
+                  for (_, ids, syms), keep in zip(job.inspected, gene_keep, strict=True)]
+        kept_cells = [np.flatnonzero(cell_mask(st, job.filters)) for st in stats]
+        stored_genes = []
+        for index, _ in mapped:
             genes = np.flatnonzero(index >= 0)
-            genes = genes[np.argsort(index[genes], kind="stable")]
+            stored_genes.append(genes[np.argsort(index[genes], kind="stable")])
+        moment_files: list[list[str]] = [[] for _ in job.datasets]
+        if job.neighbours.enabled:  # between the passes: each dataset's graph and moments, one file per shard
+            nb_dir = job.out / NEIGHBOURHOOD_DIR
+            nb_tasks = [(ds, cells, genes, job.neighbours, chunk, job.shard_size, str(nb_dir / str(k)))
+                        for k, (ds, cells, genes) in enumerate(zip(job.datasets, kept_cells, stored_genes,
+                                                                   strict=True))]
+            tid = bar.add_task("neighbourhoods", total=sum(len(c) for c in kept_cells))
+            weights = [len(c) for c in kept_cells]
+            for k, (cells, files) in enumerate(_run(write_dataset_moments, nb_tasks, pool, bar, tid, weights)):
+                kept_cells[k], moment_files[k] = cells, files
+        per_input = zip(job.paths, job.datasets, mapped, kept_cells, stored_genes, moment_files, gene_keep,
+                        strict=True)
+        for path, ds, (index, mapping), cells, genes, files, keep in per_input:
             log.info(
                 "%s: %d/%d cells pass the cell filters, %d/%d genes the gene filters; %s",
                 ds.dataset_id,
@@ -305,7 +327,7 @@ def _convert_locked(job: _Job) -> Manifest:
             )
             if mapping.unmatched:
                 log.warning("%s: %d genes not in the vocabulary are not stored", ds.dataset_id, len(mapping.unmatched))
-            for a in range(0, len(cells), job.shard_size):
+            for k, a in enumerate(range(0, len(cells), job.shard_size)):
                 plan.append(
                     ShardTask(
                         index=len(plan),
@@ -316,6 +338,7 @@ def _convert_locked(job: _Job) -> Manifest:
                         path=str(shard_dir / shard_name(len(plan))),
                         settings_hash=job.settings_hash,
                         record_batch_size=job.record_batch_size,
+                        moments=files[k] if files else None,
                     )
                 )
             infos.append(
@@ -335,7 +358,8 @@ def _convert_locked(job: _Job) -> Manifest:
                         "settings_hash": job.settings_hash,
                         "allow_non_integer": job.allow_non_integer,
                     },
-                    targets=ds.targets,
+                    targets=ds.targets + ([keys.MS, keys.MU] if job.neighbours.enabled else []),
+                    neighbourhood=job.neighbours.to_dict() if job.neighbours.enabled else {},
                 )
             )
 
@@ -367,6 +391,7 @@ def _convert_locked(job: _Job) -> Manifest:
     for info in infos:
         info.n_cells_out = sum(s.n_cells for s in shards if s.dataset_id == info.dataset_id)
     manifest = write_manifest(job.out, vocab, shards, infos, record_batch_size=job.record_batch_size)
+    shutil.rmtree(job.out / NEIGHBOURHOOD_DIR, ignore_errors=True)
     log.info("%s: %d cells, %d shards, %d genes", job.out, manifest.n_cells, len(shards), len(vocab))
     return manifest
 
@@ -396,6 +421,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--overwrite", action="store_true", help="replace shards written with other settings")
     p.add_argument("--dataset-id", action="append", dest="dataset_ids", help="one per input (default: file stem)")
     p.add_argument("--no-progress", action="store_true")
+    nb = NeighbourConfig()
+    p.add_argument("--neighbours", type=int, default=nb.n_neighbours,
+                   help=f"neighbours per cell for the moments Ms/Mu (default {nb.n_neighbours}; 0: none)")
+    p.add_argument("--pcs", type=int, default=nb.n_pcs, help=f"principal components of the kNN graph ({nb.n_pcs})")
+    p.add_argument("--normalization", choices=NORMALIZATIONS, default=nb.normalization,
+                   help="normalisation of the moments, as the tokenizer's data.normalization (default total)")
     for f in fields(FilterConfig):
         p.add_argument("--" + f.name.replace("_", "-"), type=float, default=f.default, help="filter (default 0)")
     t = TargetConfig()
@@ -434,6 +465,7 @@ def _main(args: argparse.Namespace) -> int:
             dataset_ids=args.dataset_ids,
             overwrite=args.overwrite,
             progress=not args.no_progress,
+            neighbours=NeighbourConfig(n_neighbours=args.neighbours, n_pcs=args.pcs, normalization=args.normalization),
         )
     except (ConversionError, CorpusError) as e:
         log.error("%s", e)

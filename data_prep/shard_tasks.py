@@ -20,6 +20,7 @@ import pandas as pd
 import pyarrow as pa
 import scipy.sparse as sp
 
+from data_prep.neighbourhoods import load_shard_moments
 from data_prep.sources import ConversionError, Source, open_source
 from data_prep.targets import DatasetSpec
 from fm import keys
@@ -42,6 +43,7 @@ class ShardTask:
     settings_hash: str
     record_batch_size: int
     extra: dict[str, str] = field(default_factory=dict)
+    moments: str | None = None  # the shard's moments file (data_prep.neighbourhoods), rows aligned with `rows`
 
 
 def _values_at(pattern: sp.csr_matrix, m: sp.csr_matrix) -> np.ndarray:
@@ -71,8 +73,13 @@ def _obs_floats(src: Source, name: str, a: int, b: int, sel: np.ndarray) -> pa.A
         raise ConversionError(f"{src.path}: {src.obs_field(name)} is not numeric ({e})") from e
 
 
-def _build_table(src: Source, t: ShardTask, a: int, b: int, sel: np.ndarray) -> tuple[pa.Table, int]:
-    """The corpus rows of source rows ``a + sel`` (sel sorted, relative to a); returns (table, cells dropped)."""
+def _build_table(src: Source, t: ShardTask, a: int, b: int, sel: np.ndarray,
+                 moments: tuple[sp.csr_matrix, sp.csr_matrix] | None = None) -> tuple[pa.Table, int]:
+    """The corpus rows of source rows ``a + sel`` (sel sorted, relative to a); returns (table, cells dropped).
+
+    ``moments``: (Ms, Mu) of these rows. A gene is stored where s + u > 0 or, with moments, Ms + Mu > 0: a gene the
+    cell did not detect but its neighbours did has counts 0 and its moments (docs/FORMAT.md).
+    """
     ds = t.dataset
 
     def read(layer: str) -> sp.csr_matrix:
@@ -83,9 +90,17 @@ def _build_table(src: Source, t: ShardTask, a: int, b: int, sel: np.ndarray) -> 
     c = sp.csr_matrix(s.astype(np.complex128) + 1j * u.astype(np.complex128))
     c.sum_duplicates()
     c.eliminate_zeros()
-    n_genes = np.diff(c.indptr)
-    keep = n_genes > 0  # a cell with no stored gene is not a row
-    if not keep.all():
+    keep = np.diff(c.indptr) > 0  # a cell without counts is not a row
+    if moments is not None:  # moments are >= 0 too: add their pattern (stored as 0 + 0i where only they are > 0)
+        pattern = sp.csr_matrix(abs(c) + moments[0] + moments[1])
+        pattern.sum_duplicates()
+        pattern.eliminate_zeros()
+        pattern = pattern[keep]
+        c = c[keep]
+        c = sp.csr_matrix((_values_at(pattern, c.real) + 1j * _values_at(pattern, c.imag), pattern.indices,
+                           pattern.indptr), shape=pattern.shape)
+        ms_val, mu_val = (_values_at(pattern, m[keep]) for m in moments)
+    elif not keep.all():
         c = c[keep]
     indptr = c.indptr
     s_val, u_val = c.data.real.astype(np.float32), c.data.imag.astype(np.float32)
@@ -99,6 +114,9 @@ def _build_table(src: Source, t: ShardTask, a: int, b: int, sel: np.ndarray) -> 
         keys.LIBRARY_SIZE_SPLICED: pa.array(np.bincount(rows, c.data.real, c.shape[0]).astype(np.float32)),
         keys.LIBRARY_SIZE_UNSPLICED: pa.array(np.bincount(rows, c.data.imag, c.shape[0]).astype(np.float32)),
     }
+    if moments is not None:
+        cols[keys.MS] = _list_array(indptr, ms_val, pa.float32())
+        cols[keys.MU] = _list_array(indptr, mu_val, pa.float32())
     for attr, col in (("velocity", keys.VELOCITY), ("velocity_u", keys.VELOCITY_U)):
         if getattr(ds, attr) is not None:
             dense = src.read_dense(getattr(ds, attr), a, b)
@@ -119,13 +137,14 @@ def _build_table(src: Source, t: ShardTask, a: int, b: int, sel: np.ndarray) -> 
 def write_shard_task(t: ShardTask, on_chunk: Callable[[int], None] | None = None) -> tuple[ShardInfo, int]:
     """Write one shard; returns its manifest entry and the number of cells dropped for having no stored gene."""
     tables, dropped = [], 0
+    ms, mu = load_shard_moments(t.moments) if t.moments is not None else (None, None)
     with open_source(t.dataset.path) as src:
         i = 0
         while i < len(t.rows):
             a = int(t.rows[i])
             b = min(a + t.record_batch_size, int(t.rows[-1]) + 1)
             j = int(np.searchsorted(t.rows, b))
-            table, n = _build_table(src, t, a, b, t.rows[i:j] - a)
+            table, n = _build_table(src, t, a, b, t.rows[i:j] - a, None if ms is None else (ms[i:j], mu[i:j]))
             tables.append(table)
             dropped += n
             if on_chunk is not None:

@@ -18,13 +18,21 @@ VELOCITY_U = "velocity_u"  # list<float32>, du/dt aligned with GENE_INDEX
 CELL_TYPE = "cell_type"  # string, cluster / cell-type label
 TIME = "time"  # float32, (pseudo)time
 SIZE_FACTOR = "size_factor"  # float32, a size factor given by the source (obs column)
+# first-order moments over the dataset's neighbourhood (fm.velocity.neighbours), aligned with GENE_INDEX, in the
+# dataset's normalisation: `total` as fractions of the library (counts / library size), `size_factor` counts / factor,
+# `none` counts; null when conversion computed no neighbourhood
+MS = "Ms"  # list<float32>, spliced moment
+MU = "Mu"  # list<float32>, unspliced moment
 
-LIST_COLUMNS = (GENE_INDEX, SPLICED, UNSPLICED, VELOCITY, VELOCITY_U)
+LIST_COLUMNS = (GENE_INDEX, SPLICED, UNSPLICED, VELOCITY, VELOCITY_U, MS, MU)
+GENE_VALUE_COLUMNS = (VELOCITY, VELOCITY_U, MS, MU)  # optional per-gene columns; a batch carries those a dataset fills
 
 # --- AnnData fields (inputs and outputs in the layout scVelo and scanpy expect) ----------------------------------
 LAYER_SPLICED = "spliced"
 LAYER_UNSPLICED = "unspliced"
 LAYER_VELOCITY = "velocity"  # scVelo's name for ds/dt
+LAYER_MS = "Ms"  # scVelo's first-order moments, in the units velocity is given in
+LAYER_MU = "Mu"
 LAYER_VELOCITY_TRUE = "velocity_true"  # simulator ground truth ds/dt
 LAYER_VELOCITY_U_TRUE = "velocity_u_true"  # simulator ground truth du/dt
 LAYER_ALPHA_TRUE = "alpha_true"  # simulator per cell-gene transcription rate
@@ -67,4 +75,5 @@ B_TIME = "time"  # float32 [B], optional (NaN where unknown)
 B_CELL_TYPE = "cell_type"  # list[str | None], optional
 B_CELL_ID = "cell_id"  # list[str]
 B_DATASET_ID = "dataset_id"  # list[str]
-B_NEIGHBOURS = "neighbours"  # int64 [B, K], optional: indices into the batch of each cell's neighbours
+B_MS = MS  # float32 [B, G], optional: the spliced moment, normalised and log1p'd as B_SPLICED (NaN where unknown)
+B_MU = MU  # float32 [B, G], optional: the unspliced moment, as B_UNSPLICED

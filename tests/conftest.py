@@ -13,12 +13,14 @@ import pytest
 import scipy.sparse as sp
 
 from fm import keys
+from fm.velocity.neighbours import NeighbourConfig
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 PANCREAS = SHARED_DATA / "pancreas_supercell_3696x2000.h5ad"
 SIM_SHARD_SIZE = 128  # several shards and record batches even on a small file
 SIM_RECORD_BATCH = 32
+TINY_NEIGHBOURS = NeighbourConfig(n_neighbours=3, n_pcs=3)  # a neighbourhood for the hand-made files of ~12 cells
 
 
 def make_adata(n_cells: int = 12, n_genes: int = 6, seed: int = 0, gene_ids: bool = True, velocity: bool = True):

@@ -23,7 +23,7 @@ import pyarrow as pa
 
 from fm import keys
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: moments (Ms, Mu) and each dataset's neighbourhood settings
 FORMAT_NAME = "fm-corpus"
 MANIFEST_NAME = "manifest.json"
 VOCAB_NAME = "vocab.tsv"
@@ -44,6 +44,8 @@ CORPUS_SCHEMA = pa.schema(
         pa.field(keys.CELL_TYPE, pa.string(), nullable=True),
         pa.field(keys.TIME, pa.float32(), nullable=True),
         pa.field(keys.SIZE_FACTOR, pa.float32(), nullable=True),
+        pa.field(keys.MS, pa.list_(pa.float32()), nullable=True),
+        pa.field(keys.MU, pa.list_(pa.float32()), nullable=True),
     ],
     metadata={b"fm.schema_version": str(SCHEMA_VERSION).encode()},
 )
@@ -79,6 +81,7 @@ class DatasetInfo:
     n_genes_unmatched: int
     filters: dict[str, Any] = field(default_factory=dict)
     targets: list[str] = field(default_factory=list)  # optional columns the dataset fills
+    neighbourhood: dict[str, Any] = field(default_factory=dict)  # fm.velocity.NeighbourConfig fields; {}: none
 
 
 @dataclass
@@ -146,8 +149,11 @@ def load_manifest(corpus: str | os.PathLike, *, check_vocab: bool = True) -> Man
     if d.get("format") != FORMAT_NAME:
         raise CorpusError(f"{path}: field 'format' is {d.get('format')!r}, expected {FORMAT_NAME!r}")
     if d.get("schema_version") != SCHEMA_VERSION:
+        sources = " ".join(str(x.get("source", "?")) for x in d.get("datasets", [])[:3]) or "INPUTS"
         raise CorpusError(
-            f"{path}: field 'schema_version' is {d.get('schema_version')!r}, this fm reads {SCHEMA_VERSION}"
+            f"{path}: field 'schema_version' is {d.get('schema_version')!r}, this fm reads {SCHEMA_VERSION} "
+            f"(version 2 adds each cell's moments over its dataset's neighbourhood); rebuild the corpus from its "
+            f"inputs: fm prep convert {sources} --out {corpus} --overwrite"
         )
     manifest = Manifest.from_dict(d, where=str(path))
     if check_vocab:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,7 +57,7 @@ class UnitIndex:
 
     def __init__(self, shard_paths: list[str], units: list[Unit], targets: tuple[str, ...] = ()):
         self.shard_paths = list(shard_paths)
-        self.targets = tuple(targets)  # per-gene target columns some dataset of the corpus fills
+        self.targets = tuple(targets)  # optional per-gene columns (targets, moments) some dataset of the corpus fills
         self.units = [u for u in units if u.n_cells > 0]
         self.n_cells_U = np.array([u.n_cells for u in self.units], dtype=np.int64)
 
@@ -78,7 +79,7 @@ class UnitIndex:
             paths.append(str(Path(corpus) / s.path))
             units += [Unit(len(paths) - 1, b, int(n)) for b, n in enumerate(s.record_batch_rows)]
         filled = {t for d in manifest.datasets for t in d.targets}
-        return cls(paths, units, tuple(t for t in (keys.VELOCITY, keys.VELOCITY_U) if t in filled))
+        return cls(paths, units, tuple(t for t in keys.GENE_VALUE_COLUMNS if t in filled))
 
     def select(self, keep: list[np.ndarray]) -> UnitIndex:
         """A new index keeping, per unit, the rows where ``keep[u]`` (bool [rows]) is True."""
@@ -223,7 +224,8 @@ def check_shard(corpus: str | os.PathLike, info, *, checksum: bool, source: str 
         meta = reader.schema.metadata or {}
         version = meta.get(b"fm.schema_version", b"?").decode()
         if version != str(SCHEMA_VERSION):
-            raise CorpusError(f"{path}: schema version {version}, this fm reads {SCHEMA_VERSION}")
+            raise CorpusError(f"{path}: schema version {version}, this fm reads {SCHEMA_VERSION}; rebuild the corpus "
+                              "with fm prep convert INPUTS --out CORPUS --overwrite")
         if not reader.schema.remove_metadata().equals(CORPUS_SCHEMA.remove_metadata()):
             raise CorpusError(f"{path}: Arrow schema differs from the corpus schema:\n{reader.schema}")
         if reader.num_record_batches != info.n_record_batches:
@@ -242,18 +244,27 @@ def check_shards(corpus: str | os.PathLike, manifest: Manifest, *, checksum: boo
     """Check every shard before training (size, footer, schema, record batches; sha256 when ``checksum``).
 
     Returns one flag per manifest shard (True: usable). Without ``tolerant`` the first bad shard raises; with it,
-    bad shards are skipped, each logged, and the count is logged.
+    bad shards are skipped, each logged, and the count is logged. Shards are checked on threads: sha256 reads every
+    byte, and file reads and hashlib release the GIL (cost: docs/BENCHMARKS.md, Loader).
     """
-    ok, sources = [], {d.dataset_id: d.source for d in manifest.datasets}
-    for info in manifest.shards:
+    sources = {d.dataset_id: d.source for d in manifest.datasets}
+
+    def check(info) -> CorpusError | None:
         try:
             check_shard(corpus, info, checksum=checksum, source=sources.get(info.dataset_id, "INPUT"))
-            ok.append(True)
         except CorpusError as e:
-            if not tolerant:
-                raise
-            log.warning("tolerant: skipping shard: %s", e)
-            ok.append(False)
+            return e
+        return None
+
+    with ThreadPoolExecutor(max(1, min(len(manifest.shards), os.cpu_count() or 1))) as pool:
+        errors = list(pool.map(check, manifest.shards))
+    ok = []
+    for error in errors:
+        if error is not None and not tolerant:
+            raise error
+        if error is not None:
+            log.warning("tolerant: skipping shard: %s", error)
+        ok.append(error is None)
     if not all(ok):
         n_bad = ok.count(False)
         cells = sum(s.n_cells for s, good in zip(manifest.shards, ok, strict=True) if not good)

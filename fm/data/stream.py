@@ -232,6 +232,8 @@ class _Unit:
     unspliced: np.ndarray
     velocity: np.ndarray | None  # float32 [nnz] aligned with gene_index (NaN for cells without), None if absent
     velocity_u: np.ndarray | None
+    ms: np.ndarray | None  # moments, as velocity
+    mu: np.ndarray | None
     lib_s: np.ndarray  # float32 [n]
     lib_u: np.ndarray
     size_factor: np.ndarray  # float32 [n], NaN unknown
@@ -264,7 +266,7 @@ def decode_unit(rb: pa.RecordBatch, where: str) -> _Unit:
     genes = genes[offsets[0]:]
     offsets = offsets - offsets[0]
     optional = {}
-    for name in (keys.VELOCITY, keys.VELOCITY_U):
+    for name in keys.GENE_VALUE_COLUMNS:
         arr = col(name)
         if arr.null_count == len(arr):
             optional[name] = None
@@ -279,13 +281,14 @@ def decode_unit(rb: pa.RecordBatch, where: str) -> _Unit:
         optional[name] = out
     return _Unit(
         offsets, genes, parts[keys.SPLICED], parts[keys.UNSPLICED], optional[keys.VELOCITY], optional[keys.VELOCITY_U],
+        optional[keys.MS], optional[keys.MU],
         _scalar(col(keys.LIBRARY_SIZE_SPLICED)), _scalar(col(keys.LIBRARY_SIZE_UNSPLICED)),
         _scalar(col(keys.SIZE_FACTOR)), _scalar(col(keys.TIME)),
         col(keys.CELL_ID), col(keys.DATASET_ID), col(keys.CELL_TYPE),
     )
 
 
-_FLAT_FIELDS = ("gene_index", "spliced", "unspliced", "velocity", "velocity_u")
+_FLAT_FIELDS = ("gene_index", "spliced", "unspliced", "velocity", "velocity_u", "ms", "mu")
 
 
 @dataclass
@@ -350,7 +353,7 @@ class _Window:
             np.concatenate([[0], np.cumsum(lens)]), pieces("gene_index", np.int32), pieces("spliced", np.float32),
             pieces("unspliced", np.float32), optional("velocity"), optional("velocity_u"),
             self.lib_s_C[cells], self.lib_u_C[cells], self.size_factor_C[cells], self.time_C[cells],
-            cell_id, dataset_id, cell_type,
+            cell_id, dataset_id, cell_type, ms_N=optional("ms"), mu_N=optional("mu"),
         )
 
 
@@ -571,17 +574,17 @@ class ShardedDataLoader(DataLoader):
         nbytes = batch_nbytes(ds.batch_size, ds.tokenizer, ds.index.targets) + 4 * _ALIGN
         rings = [BatchRing(self.prefetch_factor + 1, nbytes) for _ in range(self.num_workers)]
         self.dataset._rings = rings
-        try:
-            it = super().__iter__()  # starts the workers, which inherit the rings
-        finally:
         # blocked while the workers start, so none dies of a signal before _leave_signals_to_main ignores it (the
         # mask is inherited); one sent meanwhile reaches this process when the mask is restored
         mask = signal.pthread_sigmask(signal.SIG_BLOCK, WORKER_IGNORED_SIGNALS)
+        try:
+            it = super().__iter__()  # starts the workers, which inherit the rings
+        finally:
             self.dataset._rings = None
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         return self._count(it, rings)
 
     def _count(self, it, rings: list[BatchRing] | None):
-            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         pin = self.pin_memory and torch.cuda.is_available()
         for batch in it:
             if isinstance(batch, _RingBatch):  # copied out before the next batch is asked for (see BatchRing)

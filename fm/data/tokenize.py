@@ -19,8 +19,10 @@ Chosen genes keep the corpus order (ascending vocabulary index). Values are then
   modalities); a cell without a positive finite size factor is an error naming the cell.
 * ``none``: raw counts.
 
-Binning, if any, is the model's job: the batch carries floats. Velocity targets are always present in the batch
-(NaN where the corpus has none, and at padding), so every batch has the same keys.
+Binning, if any, is the model's job: the batch carries floats. The optional per-gene entries a corpus fills (velocity
+targets; the moments ``Ms``/``Mu`` over the dataset's neighbourhood, normalised and log1p'd by the same rule as the
+counts) are in every batch of that corpus, NaN where a cell has none and at padding, so every batch has the same keys.
+Moments need the corpus's neighbourhood normalisation to be the tokenizer's (the data module checks it).
 
     python -c "from fm.data.tokenize import TokenizerConfig; print(TokenizerConfig(max_genes=512))"
 
@@ -113,6 +115,8 @@ class CellBlock:
     cell_id: list[str]
     dataset_id: list[str]
     cell_type: list[str | None]
+    ms_N: np.ndarray | Segments | None = None  # float32 [N] spliced moment (corpus units), NaN where unknown
+    mu_N: np.ndarray | Segments | None = None  # float32 [N] unspliced moment
 
     def __len__(self) -> int:
         return len(self.offsets_B1) - 1
@@ -332,13 +336,24 @@ def _carve(nbytes: int) -> Alloc:
     return alloc
 
 
+# optional per-gene batch entries, in batch order, and the CellBlock field each comes from
+_OPTIONAL = {keys.B_VELOCITY: "velocity_N", keys.B_VELOCITY_U: "velocity_u_N", keys.B_MS: "ms_N", keys.B_MU: "mu_N"}
+_MOMENTS = (keys.B_MS, keys.B_MU)
+
+
+def moment_scale(cfg: TokenizerConfig) -> float:
+    """Multiplier from the corpus's moments to the tokenizer's normalised units (docs/FORMAT.md: under ``total`` the
+    corpus stores moments as fractions of the library, so they take the tokenizer's ``target_sum``)."""
+    return float(cfg.target_sum) if cfg.normalization == "total" else 1.0
+
+
 def batch_nbytes(batch_size: int, cfg: TokenizerConfig, targets: tuple[str, ...]) -> int:
     """An upper bound on the bytes of the arrays tokenize_block allocates for ``batch_size`` cells.
 
     G never exceeds ``cfg.max_genes``: per-gene float32 values (4 + the targets), int64 gene ids and the bool mask;
     then three float32 per cell (library sizes, time).
     """
-    n_floats = 4 + sum(k in targets for k in (keys.B_VELOCITY, keys.B_VELOCITY_U))
+    n_floats = 4 + sum(k in targets for k in _OPTIONAL)
     return batch_size * cfg.max_genes * (4 * n_floats + 8 + 1) + batch_size * 3 * 4
 
 
@@ -366,7 +381,7 @@ def tokenize_block(
     block: CellBlock,
     cfg: TokenizerConfig,
     rng: np.random.Generator,
-    targets: tuple[str, ...] = (keys.B_VELOCITY, keys.B_VELOCITY_U),
+    targets: tuple[str, ...] = (keys.B_VELOCITY, keys.B_VELOCITY_U, keys.B_MS, keys.B_MU),
     *,
     alloc: Alloc | None = None,
 ) -> dict:
@@ -378,8 +393,9 @@ def tokenize_block(
     gene ids, mask, per-cell floats).
 
     Args:
-        targets: the per-gene target keys (B_VELOCITY, B_VELOCITY_U) the batch carries, NaN where a cell has none;
-            the stream passes the ones its corpus has, so a pretraining corpus sends no all-NaN arrays.
+        targets: the optional per-gene keys the batch carries (targets B_VELOCITY, B_VELOCITY_U; moments B_MS, B_MU,
+            normalised and log1p'd as the counts), NaN where a cell has none; the stream passes the ones its corpus
+            has, so a pretraining corpus sends no all-NaN arrays.
         alloc: where the arrays are born (``alloc(shape, dtype) -> numpy array``); default: one fresh buffer for all
             four, or in a loader worker shared memory (the mask: fresh memory). The stream passes a slot of its
             worker's ring (fm.data.stream), which then holds all four. At most ``batch_nbytes(B, cfg, targets)``
@@ -388,7 +404,7 @@ def tokenize_block(
     lay = (_batch_layout if cfg.gene_set == "batch" else _cell_layout)(block, cfg, rng)
     B, G, put = len(lay.lens_B), lay.G, lay.put
     per_gene = [keys.B_SPLICED, keys.B_UNSPLICED, keys.B_SPLICED_COUNTS, keys.B_UNSPLICED_COUNTS]
-    per_gene += [k for k in (keys.B_VELOCITY, keys.B_VELOCITY_U) if k in targets]
+    per_gene += [k for k in _OPTIONAL if k in targets]
     if alloc is None and get_worker_info() is None:  # in-process: every array in one buffer
         alloc = _carve(B * G * (4 * len(per_gene) + 8 + 1) + 3 * B * 4 + 4 * 64)
     empty = alloc or _empty
@@ -401,11 +417,13 @@ def tokenize_block(
     if not np.isfinite(scale_2B).all():  # 0 * inf: a slot without a stored gene must stay 0, not NaN
         floats_KBG[:2, ~lay.stored_BG()] = 0
     for k, out_BG in zip(per_gene[4:], floats_KBG[4:]):
-        values_N = block.velocity_N if k == keys.B_VELOCITY else block.velocity_u_N
+        values_N = getattr(block, _OPTIONAL[k])
         if values_N is None:
             out_BG[:] = np.nan
-        else:
-            put(out_BG, values_N, np.nan)  # unknown at padding and for cells without the target
+            continue
+        put(out_BG, values_N, np.nan)  # unknown at padding and for cells without the target
+        if k in _MOMENTS:  # the counts' rule: normalised, then log1p
+            _log1p_into(out_BG[None], out_BG[None], np.full((1, B), moment_scale(cfg), np.float32))
     floats_KBG = torch.from_numpy(floats_KBG).unbind(0)  # views, in one call
     ids_BG = empty((B, G), torch.int64)
     if lay.panel_G is not None:

@@ -21,7 +21,8 @@ from fm import keys
 from fm.cli import main as fm_main
 from fm.data.schema import MANIFEST_NAME, load_manifest
 from fm.data.vocab import GeneVocab
-from tests.conftest import PANCREAS, SIM_RECORD_BATCH, make_adata, write_loom
+from fm.velocity.neighbours import NeighbourConfig, neighbourhood
+from tests.conftest import PANCREAS, SIM_RECORD_BATCH, TINY_NEIGHBOURS, make_adata, write_loom
 
 
 def read_corpus(corpus: Path) -> pa.Table:
@@ -72,8 +73,15 @@ def assert_matches_source(corpus: Path, adata, velocity_layer=None, velocity_u_l
     assert (step[~row_start[1:]] > 0).all()  # sorted and unique within each cell
     s, u = source(keys.LAYER_SPLICED, expected), source(keys.LAYER_UNSPLICED, expected)
     stored = s + u > 0
+    ms_mu = expected_moments(load_manifest(corpus), s, u, np.flatnonzero(src) if genes_kept is None else None, vidx)
+    if ms_mu is not None:  # a gene a cell's neighbours detected is stored with counts 0 and its moments
+        stored |= ms_mu[0] + ms_mu[1] > 0
+        for name, want in zip((keys.MS, keys.MU), ms_mu, strict=True):
+            got = _dense(table, name, len(vocab))
+            assert np.isfinite(got[stored]).all() and np.isnan(got[~stored]).all(), name
+            np.testing.assert_allclose(got[stored], want[stored], rtol=1e-5, atol=1e-7 * want.max(), err_msg=name)
     got_s = _dense(table, keys.SPLICED, len(vocab))
-    np.testing.assert_array_equal(~np.isnan(got_s), stored)  # exactly the genes with s + u > 0
+    np.testing.assert_array_equal(~np.isnan(got_s), stored)  # exactly the genes with s + u > 0 (or a moment)
     np.testing.assert_array_equal(got_s[stored], s[stored])
     np.testing.assert_array_equal(_dense(table, keys.UNSPLICED, len(vocab))[stored], u[stored])
     np.testing.assert_allclose(t[keys.LIBRARY_SIZE_SPLICED], s.sum(1), rtol=1e-6)
@@ -82,6 +90,23 @@ def assert_matches_source(corpus: Path, adata, velocity_layer=None, velocity_u_l
         if layer is not None:
             np.testing.assert_array_equal(_dense(table, col, len(vocab))[stored], source(layer, expected)[stored])
     return t
+
+
+def expected_moments(manifest, s_CV: np.ndarray, u_CV: np.ndarray, cols, vidx) -> tuple | None:
+    """The moments conversion should store for one dataset's cells [C, vocabulary], computed here from the source
+    (genes in vocabulary order, as conversion stores them), in the corpus's units; None without a neighbourhood."""
+    (ds,) = manifest.datasets
+    if not ds.neighbourhood:
+        return None
+    cfg = NeighbourConfig(**ds.neighbourhood)
+    genes = np.sort(vidx[vidx >= 0])
+    nb, _, _ = neighbourhood(sp.csr_matrix(s_CV[:, genes]), sp.csr_matrix(u_CV[:, genes]), cfg)
+    out = []
+    for m in (nb.Ms, nb.Mu):
+        full = np.zeros_like(s_CV)
+        full[:, genes] = m / (cfg.target_sum if cfg.normalization == "total" else 1.0)
+        out.append(full)
+    return tuple(out)
 
 
 def test_simulated_h5ad_round_trip_is_exact(sim_h5ad, sim_corpus):
@@ -96,7 +121,8 @@ def test_simulated_h5ad_round_trip_is_exact(sim_h5ad, sim_corpus):
     assert all(len(s.record_batch_rows) >= 1 and max(s.record_batch_rows) <= SIM_RECORD_BATCH for s in manifest.shards)
     assert len(manifest.shards) >= 2
     (ds,) = manifest.datasets
-    assert ds.targets == [keys.VELOCITY, keys.VELOCITY_U, keys.CELL_TYPE, keys.TIME]
+    assert ds.targets == [keys.VELOCITY, keys.VELOCITY_U, keys.CELL_TYPE, keys.TIME, keys.MS, keys.MU]
+    assert ds.neighbourhood == NeighbourConfig().to_dict()
 
 
 @pytest.mark.skipif(not PANCREAS.is_file(), reason="../shared/data is absent")
@@ -107,12 +133,13 @@ def test_pancreas_round_trip_is_exact(tmp_path):
     t = assert_matches_source(out, adata)
     assert manifest.n_cells == len(t[keys.CELL_ID]) == 3696
     assert manifest.n_genes == 2000
-    assert manifest.datasets[0].targets == [keys.CELL_TYPE]
+    assert manifest.datasets[0].targets == [keys.CELL_TYPE, keys.MS, keys.MU]
     assert t[keys.CELL_TYPE][:3] == adata.obs[keys.OBS_CLUSTERS].astype(str).tolist()[:3]
 
 
 def test_tiny_round_trip_shards_and_batches(tmp_path, tiny_h5ad, tiny_adata):
-    manifest = convert([tiny_h5ad], tmp_path / "c", shard_size=5, record_batch_size=2, progress=False)
+    manifest = convert([tiny_h5ad], tmp_path / "c", shard_size=5, record_batch_size=2,
+                       neighbours=TINY_NEIGHBOURS, progress=False)
     t = assert_matches_source(tmp_path / "c", tiny_adata, velocity_layer=keys.LAYER_VELOCITY_TRUE)
     assert "cell0" not in t[keys.CELL_ID]  # no counts at all: nothing to store
     assert [s.n_cells for s in manifest.shards] == [5, 5, 1]
@@ -151,7 +178,8 @@ def test_maps_onto_a_given_vocabulary_and_reports_unmatched(tmp_path, tiny_adata
     adata = tiny_adata.copy()
     adata.var[keys.VAR_GENE_ID] = ["ENSG00000", "ENSG00001", "ENSG00002", "X3", "X4", "X5"]
     adata.write_h5ad(tmp_path / "m.h5ad")
-    manifest = convert([tmp_path / "m.h5ad"], tmp_path / "c", vocab=tmp_path / "vocab.tsv", progress=False)
+    manifest = convert([tmp_path / "m.h5ad"], tmp_path / "c", vocab=tmp_path / "vocab.tsv",
+                       neighbours=TINY_NEIGHBOURS, progress=False)
     assert GeneVocab.load(tmp_path / "c" / "vocab.tsv") == vocab
     (ds,) = manifest.datasets
     assert (ds.n_genes_matched, ds.n_genes_unmatched) == (4, 2)
@@ -166,7 +194,8 @@ def test_two_datasets_share_a_built_vocabulary(tmp_path):
     b.var_names = [f"Gene{j}" for j in range(3, 9)]
     a.write_h5ad(tmp_path / "a.h5ad")
     b.write_h5ad(tmp_path / "b.h5ad")
-    manifest = convert([tmp_path / "a.h5ad", tmp_path / "b.h5ad"], tmp_path / "c", progress=False)
+    manifest = convert([tmp_path / "a.h5ad", tmp_path / "b.h5ad"], tmp_path / "c",
+                       neighbours=TINY_NEIGHBOURS, progress=False)
     vocab = GeneVocab.load(tmp_path / "c" / "vocab.tsv")
     assert len(vocab) == 9 and vocab.gene_ids[:6] == [f"ENSG{j:05d}" for j in range(6)]
     assert [d.dataset_id for d in manifest.datasets] == ["a", "b"]
@@ -175,8 +204,10 @@ def test_two_datasets_share_a_built_vocabulary(tmp_path):
 
 def test_loom_input_equals_h5ad(tmp_path, tiny_adata, tiny_h5ad):
     loom = write_loom(tiny_adata, tmp_path / "tiny.loom")
-    convert([loom], tmp_path / "from_loom", targets=TargetConfig(velocity_layer=None), progress=False)
-    convert([tiny_h5ad], tmp_path / "from_h5ad", targets=TargetConfig(velocity_layer=None), progress=False)
+    convert([loom], tmp_path / "from_loom", targets=TargetConfig(velocity_layer=None),
+            neighbours=TINY_NEIGHBOURS, progress=False)
+    convert([tiny_h5ad], tmp_path / "from_h5ad", targets=TargetConfig(velocity_layer=None),
+            neighbours=TINY_NEIGHBOURS, progress=False)
     a, b = read_corpus(tmp_path / "from_loom"), read_corpus(tmp_path / "from_h5ad")
     assert a.to_pydict() == b.to_pydict()
 
@@ -187,22 +218,22 @@ def _mtimes(corpus: Path) -> dict[str, int]:
 
 def test_rerun_is_idempotent(tmp_path, tiny_h5ad):
     out = tmp_path / "c"
-    m1 = convert([tiny_h5ad], out, shard_size=4, progress=False)
+    m1 = convert([tiny_h5ad], out, shard_size=4, neighbours=TINY_NEIGHBOURS, progress=False)
     before = _mtimes(out)
-    m2 = convert([tiny_h5ad], out, shard_size=4, progress=False)
+    m2 = convert([tiny_h5ad], out, shard_size=4, neighbours=TINY_NEIGHBOURS, progress=False)
     assert _mtimes(out) == before
     assert m1 == m2
 
 
 def test_killed_run_is_finished_by_a_rerun(tmp_path, tiny_h5ad):
     out = tmp_path / "c"
-    m1 = convert([tiny_h5ad], out, shard_size=4, progress=False)
+    m1 = convert([tiny_h5ad], out, shard_size=4, neighbours=TINY_NEIGHBOURS, progress=False)
     # what a kill leaves: no manifest, a temporary file, some shards not yet renamed into place
     (out / MANIFEST_NAME).unlink()
     (out / "shards" / "part-00001.arrow").rename(out / "shards" / ".part-00001.arrow.tmp-99999")
     (out / "shards" / "part-00002.arrow").unlink()
     kept = (out / "shards" / "part-00000.arrow").stat().st_mtime_ns
-    m2 = convert([tiny_h5ad], out, shard_size=4, progress=False)
+    m2 = convert([tiny_h5ad], out, shard_size=4, neighbours=TINY_NEIGHBOURS, progress=False)
     assert (out / "shards" / "part-00000.arrow").stat().st_mtime_ns == kept  # finished shard not rewritten
     assert not list((out / "shards").glob(".*"))
     assert [s.sha256 for s in m2.shards] == [s.sha256 for s in m1.shards]
@@ -210,11 +241,11 @@ def test_killed_run_is_finished_by_a_rerun(tmp_path, tiny_h5ad):
 
 def test_other_settings_are_refused_unless_overwrite(tmp_path, tiny_h5ad):
     out = tmp_path / "c"
-    convert([tiny_h5ad], out, shard_size=4, progress=False)
+    convert([tiny_h5ad], out, shard_size=4, neighbours=TINY_NEIGHBOURS, progress=False)
     with pytest.raises(ConversionError, match="other settings.*--overwrite"):
-        convert([tiny_h5ad], out, shard_size=3, progress=False)
+        convert([tiny_h5ad], out, shard_size=3, neighbours=TINY_NEIGHBOURS, progress=False)
     assert (out / "shards" / "part-00000.arrow").exists()  # nothing was touched
-    m = convert([tiny_h5ad], out, shard_size=3, overwrite=True, progress=False)
+    m = convert([tiny_h5ad], out, shard_size=3, overwrite=True, neighbours=TINY_NEIGHBOURS, progress=False)
     assert sorted(p.name for p in (out / "shards").iterdir()) == [s.path.split("/")[1] for s in m.shards]
 
 
@@ -254,6 +285,10 @@ def test_cli(tmp_path, tiny_h5ad):
                 "2",
                 "--time-key",
                 "none",
+                "--neighbours",
+                "3",
+                "--pcs",
+                "3",
                 "--no-progress",
             ]
         )
@@ -365,16 +400,16 @@ def test_bad_input_is_named_and_leaves_nothing(tmp_path, tiny_h5ad, tiny_adata, 
 
 def test_non_integer_counts_pass_behind_the_flag(tmp_path, tiny_h5ad, tiny_adata):
     path, _ = _bad_inputs(tmp_path, tiny_h5ad, tiny_adata)["non_integer"]
-    convert([path], tmp_path / "c", allow_non_integer=True, progress=False)
+    convert([path], tmp_path / "c", allow_non_integer=True, neighbours=TINY_NEIGHBOURS, progress=False)
     t = read_corpus(tmp_path / "c").to_pydict()
     assert 0.5 in t[keys.SPLICED][t[keys.CELL_ID].index("cell5")]
 
 
 def test_bad_input_keeps_an_existing_corpus(tmp_path, tiny_h5ad, tiny_adata):
     out = tmp_path / "c"
-    convert([tiny_h5ad], out, progress=False)
+    convert([tiny_h5ad], out, neighbours=TINY_NEIGHBOURS, progress=False)
     before = _mtimes(out)
     path, _ = _bad_inputs(tmp_path, tiny_h5ad, tiny_adata)["negative"]
     with pytest.raises(ConversionError):
-        convert([path], out, overwrite=True, progress=False)
+        convert([path], out, overwrite=True, neighbours=TINY_NEIGHBOURS, progress=False)
     assert _mtimes(out) == before and os.path.exists(out / MANIFEST_NAME)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from fm import keys
 from fm.data.datamodule import CorpusDataModule, DataConfig
@@ -297,3 +298,39 @@ def test_checksum_schema_and_vocab_mismatch_fail_before_training(corpus, tmp_pat
     (bad / "vocab.tsv").write_text((bad / "vocab.tsv").read_text().replace("G7\n", "G7x\n"))
     with pytest.raises(CorpusError, match="vocab_hash"):
         CorpusDataModule(corpus=str(bad))
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_moments_reach_the_batch_normalised_and_logged_as_the_counts(sim_corpus, num_workers):
+    """Each token's Ms/Mu is the corpus's moment of that cell and gene (fractions of the library under `total`),
+    times target_sum, log1p'd: the counts' rule; a gene stored for its moments alone has counts 0."""
+    import pyarrow as pa
+
+    manifest = load_manifest(sim_corpus)
+    want = {}
+    for s in manifest.shards:
+        with pa.memory_map(str(sim_corpus / s.path)) as f:
+            t = pa.ipc.open_file(f).read_all().to_pydict()
+        for i, cell in enumerate(t[keys.CELL_ID]):
+            want[cell] = {g: (ms, mu, sp + un) for g, ms, mu, sp, un in zip(t[keys.GENE_INDEX][i], t[keys.MS][i],
+                          t[keys.MU][i], t[keys.SPLICED][i], t[keys.UNSPLICED][i], strict=True)}  # fmt: skip
+    cfg = TokenizerConfig(target_sum=500.0, max_genes=64)
+    ds = ShardedArrowDataset(UnitIndex.from_manifest(sim_corpus, manifest), batch_size=16, tokenizer=cfg, rank=0,
+                             world_size=1, remainder="drop")
+    n_moment_only = 0
+    for b in ShardedDataLoader(ds, num_workers=num_workers):
+        for i, cell in enumerate(b[keys.B_CELL_ID]):
+            mask = b[keys.B_GENE_MASK][i]
+            assert mask.any() and bool(torch.isnan(b[keys.B_MS][i][~mask]).all())
+            for g, ms, mu in zip(b[keys.B_GENE_IDS][i][mask].tolist(), b[keys.B_MS][i][mask].tolist(),
+                                 b[keys.B_MU][i][mask].tolist(), strict=True):  # fmt: skip
+                w_ms, w_mu, counts = want[cell][g]
+                assert ms == pytest.approx(np.log1p(w_ms * 500.0), rel=1e-5, abs=1e-6)
+                assert mu == pytest.approx(np.log1p(w_mu * 500.0), rel=1e-5, abs=1e-6)
+                n_moment_only += counts == 0
+    assert n_moment_only > 0  # genes the cell did not detect but its neighbours did are tokens too
+
+
+def test_moments_in_another_normalisation_than_the_tokenizer_are_refused(sim_corpus):
+    with pytest.raises(CorpusError, match="normalised by 'total'.*data.normalization=total"):
+        CorpusDataModule(str(sim_corpus), normalization="none")

@@ -33,7 +33,7 @@ def test_good_corpus_passes_with_a_summary(sim_corpus):
     lo, med, hi = report.genes_per_cell
     assert 1 <= lo <= med <= hi <= 50
     assert report.spliced_per_cell[2] > 0
-    assert report.targets == sorted([keys.CELL_TYPE, keys.TIME, keys.VELOCITY, keys.VELOCITY_U])
+    assert report.targets == sorted([keys.CELL_TYPE, keys.TIME, keys.VELOCITY, keys.VELOCITY_U, keys.MS, keys.MU])
 
 
 def test_flipped_bytes_fail_the_checksum(corpus):

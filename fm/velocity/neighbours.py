@@ -1,0 +1,212 @@
+"""Per-dataset neighbourhoods and moments, as scVelo computes them (DESIGN §9).
+
+    from fm.velocity.neighbours import NeighbourConfig, neighbourhood
+    nb = neighbourhood(spliced_NG, unspliced_NG, NeighbourConfig())   # raw counts (CSR) of one dataset
+    nb.Ms, nb.Mu                                                      # first-order moments, normalised units
+
+The steps are the field's: counts normalised per cell (``total``: each modality by its own library size, times
+``target_sum``, as the tokenizer does; ``size_factor``: divided by a given factor; ``none``), log1p of the normalised
+spliced counts, PCA (scanpy, ``n_pcs`` components), a kNN graph on it (scanpy: UMAP connectivities over
+``n_neighbours`` neighbours, exact below 4,096 cells, pynndescent above). The moments are scVelo's ``pp.moments``:
+the connectivities binarised, self included, each row divided by its count, times the normalised (not logged)
+counts. The second-order moments (``Mss`` = moments of s*s, ``Mus`` of u*s) are those scVelo's stochastic mode uses.
+
+Units: ``Ms``, ``Mu`` are in the normalised units above; velocity computed from them is ds/dt in those units.
+
+Shapes: N cells, G genes, P principal components.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import scipy.sparse as sp
+
+log = logging.getLogger(__name__)
+
+NORMALIZATIONS = ("total", "size_factor", "none")
+
+
+@dataclass(frozen=True)
+class NeighbourConfig:
+    """How a dataset's neighbourhood is computed; recorded in corpora, checkpoints, releases and ``uns['fm']``."""
+
+    n_neighbours: int = 30  # neighbours per cell (scVelo's default); 0: no neighbourhood
+    n_pcs: int = 30  # principal components of log1p(normalised spliced) the kNN graph is built on
+    normalization: str = "total"  # total (each modality by its library size) | size_factor | none
+    target_sum: float = 1e4  # library size after `total` normalisation (the tokenizer's default)
+    seed: int = 0  # PCA and approximate-kNN seed
+
+    def __post_init__(self):
+        for name in ("n_neighbours", "n_pcs"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise ValueError(f"NeighbourConfig.{name} must be an int >= 0, got {v!r}")
+        if self.n_neighbours and self.n_pcs < 1:
+            raise ValueError(f"NeighbourConfig.n_pcs must be >= 1 with neighbours, got {self.n_pcs!r}")
+        if self.normalization not in NORMALIZATIONS:
+            raise ValueError(
+                f"NeighbourConfig.normalization must be one of {NORMALIZATIONS}, got {self.normalization!r}"
+            )
+        if not (isinstance(self.target_sum, (int, float)) and math.isfinite(self.target_sum) and self.target_sum > 0):
+            raise ValueError(f"NeighbourConfig.target_sum must be a positive finite number, got {self.target_sum!r}")
+
+    @property
+    def enabled(self) -> bool:
+        return self.n_neighbours > 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class NeighbourhoodError(ValueError):
+    """A dataset's neighbourhood cannot be computed; the message says why and names the setting."""
+
+
+@dataclass
+class Neighbourhood:
+    """One dataset's neighbourhood: the graph, the moments operator and the first-order moments."""
+
+    X_pca: np.ndarray  # [N, P] float32
+    distances: sp.csr_matrix  # [N, N] kNN distances (scanpy's obsp['distances'])
+    connectivities: sp.csr_matrix  # [N, N] UMAP connectivities (scanpy's obsp['connectivities'])
+    operator: sp.csr_matrix  # [N, N] row-stochastic moments operator (scVelo's get_connectivities)
+    Ms: np.ndarray | sp.csr_matrix  # [N, G] float32, first-order moments of the normalised spliced counts
+    Mu: np.ndarray | sp.csr_matrix  # [N, G] float32, of the normalised unspliced counts
+
+
+def normalisation_scales(
+    lib_s_N: np.ndarray, lib_u_N: np.ndarray, size_factor_N: np.ndarray | None, cfg: NeighbourConfig, where: str = ""
+) -> np.ndarray:
+    """Per-cell multipliers [2, N] (float64) so that normalised = counts * scale, per modality (spliced, unspliced).
+
+    A cell with a zero library gets zeros (``total``); ``size_factor`` needs a positive finite factor for every cell.
+    """
+    N = len(lib_s_N)
+    if cfg.normalization == "none":
+        return np.ones((2, N))
+    if cfg.normalization == "size_factor":
+        if size_factor_N is None:
+            raise NeighbourhoodError(f"{where}: normalization='size_factor' but no size factor was given")
+        sf = np.asarray(size_factor_N, np.float64)
+        bad = ~(np.isfinite(sf) & (sf > 0))
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            raise NeighbourhoodError(
+                f"{where}: normalization='size_factor' but cell {i} has size factor {float(sf[i])} "
+                f"({int(bad.sum())} cells without a positive finite one)"
+            )
+        return np.broadcast_to(1.0 / sf, (2, N)).copy()
+    lib_2N = np.stack([lib_s_N, lib_u_N]).astype(np.float64)
+    out = np.zeros((2, N))
+    np.divide(cfg.target_sum, lib_2N, out=out, where=lib_2N > 0)
+    return out
+
+
+def scale_rows(x_NG: sp.spmatrix, scale_N: np.ndarray) -> sp.csr_matrix:
+    """``diag(scale) @ x`` as float32 CSR."""
+    return sp.csr_matrix(sp.diags(scale_N) @ sp.csr_matrix(x_NG, dtype=np.float64), dtype=np.float32)
+
+
+def pca(log_spliced_NG: sp.csr_matrix, n_pcs: int, seed: int = 0, where: str = "") -> np.ndarray:
+    """PCA of log1p(normalised spliced) [N, P] by scanpy (arpack, implicitly centred for sparse input)."""
+    import anndata as ad
+    import scanpy as sc
+
+    N, G = log_spliced_NG.shape
+    n_comps = min(n_pcs, N - 1, G - 1)
+    if n_comps < 1:
+        raise NeighbourhoodError(f"{where}: PCA needs at least 2 cells and 2 genes, got {N} cells x {G} genes")
+    var = np.asarray(log_spliced_NG.power(2).mean(0)).ravel() - np.asarray(log_spliced_NG.mean(0)).ravel() ** 2
+    if not np.any(var > 0):
+        raise NeighbourhoodError(
+            f"{where}: PCA cannot be computed: no gene varies across the {N} cells "
+            "(all-zero or constant spliced counts)"
+        )
+    if n_comps < n_pcs:
+        log.warning("%s: %d principal components instead of n_pcs=%d (only %d cells x %d genes)",
+                    where, n_comps, n_pcs, N, G)
+    a = ad.AnnData(X=log_spliced_NG)
+    sc.pp.pca(a, n_comps=n_comps, zero_center=True, random_state=seed)
+    X = np.asarray(a.obsm["X_pca"], np.float32)
+    if not np.isfinite(X).all():
+        raise NeighbourhoodError(f"{where}: PCA gave non-finite components")
+    return X
+
+
+def knn_graph(
+    X_pca_NP: np.ndarray, n_neighbours: int, seed: int = 0, where: str = ""
+) -> tuple[sp.csr_matrix, sp.csr_matrix]:
+    """scanpy's kNN graph on ``X_pca``: (distances, connectivities), both [N, N] CSR."""
+    import anndata as ad
+    import scanpy as sc
+
+    N = len(X_pca_NP)
+    if N <= n_neighbours:
+        raise NeighbourhoodError(
+            f"{where}: {N} cells, fewer than n_neighbours + 1 = {n_neighbours + 1}; lower the number of neighbours "
+            "(--neighbours K) or skip the neighbourhood (--neighbours 0)"
+        )
+    a = ad.AnnData(X=np.zeros((N, 0), np.float32), obsm={"X_pca": X_pca_NP})
+    sc.pp.neighbors(a, n_neighbors=n_neighbours, use_rep="X_pca", random_state=seed)
+    return sp.csr_matrix(a.obsp["distances"]), sp.csr_matrix(a.obsp["connectivities"])
+
+
+def moments_operator(connectivities_NN: sp.spmatrix) -> sp.csr_matrix:
+    """scVelo's moments operator: connectivities > 0, self included, each row divided by its count (float32 CSR)."""
+    C = sp.csr_matrix(connectivities_NN, dtype=np.float64)
+    C = sp.csr_matrix((C > 0).astype(np.float64))
+    C.setdiag(1.0)
+    C = sp.csr_matrix(sp.diags(1.0 / np.asarray(C.sum(1)).ravel()) @ C)
+    C = sp.csr_matrix(C, dtype=np.float32)
+    # sorted column indices, as scVelo's operator has: the float32 products then sum in the same order and the
+    # moments equal scVelo's bit for bit (unsorted, ~1 ulp apart, which can move a cell across the extreme-quantile
+    # boundary of the steady-state fit and change that gene's gamma by ~1e-3)
+    C.sort_indices()
+    return C
+
+
+def moments(operator_NN: sp.csr_matrix, x_NG: sp.spmatrix | np.ndarray, dense: bool = True):
+    """``operator @ x`` (scVelo's layers['Ms'] for x = normalised spliced): dense float32 [N, G], or CSR."""
+    x = sp.csr_matrix(x_NG, dtype=np.float32) if sp.issparse(x_NG) else np.asarray(x_NG, np.float32)
+    out = operator_NN @ x
+    if not dense:
+        return sp.csr_matrix(out, dtype=np.float32)
+    return np.asarray(out.toarray() if sp.issparse(out) else out, np.float32)
+
+
+def second_order_moments(
+    operator_NN: sp.csr_matrix, s_NG: sp.spmatrix, u_NG: sp.spmatrix
+) -> tuple[np.ndarray, np.ndarray]:
+    """(Mss, Mus): moments of s*s and u*s, as scVelo's ``second_order_moments`` (used by the stochastic teacher)."""
+    s = sp.csr_matrix(s_NG, dtype=np.float32)
+    u = sp.csr_matrix(u_NG, dtype=np.float32)
+    return moments(operator_NN, s.multiply(s)), moments(operator_NN, s.multiply(u))
+
+
+def neighbourhood(
+    spliced_NG: sp.spmatrix, unspliced_NG: sp.spmatrix, cfg: NeighbourConfig, size_factor_N: np.ndarray | None = None,
+    where: str = "", dense: bool = True,
+) -> tuple[Neighbourhood, sp.csr_matrix, sp.csr_matrix]:
+    """Normalise raw counts, build the graph and the first-order moments of one dataset.
+
+    Returns the neighbourhood (moments dense, or CSR with ``dense=False``) and the normalised (spliced, unspliced)
+    counts [N, G] (float32 CSR).
+    """
+    if not cfg.enabled:
+        raise NeighbourhoodError(f"{where}: n_neighbours is 0 (no neighbourhood asked for)")
+    s = sp.csr_matrix(spliced_NG)
+    u = sp.csr_matrix(unspliced_NG)
+    lib_s = np.asarray(s.sum(1), np.float64).ravel()
+    lib_u = np.asarray(u.sum(1), np.float64).ravel()
+    scale_2N = normalisation_scales(lib_s, lib_u, size_factor_N, cfg, where)
+    s_n, u_n = scale_rows(s, scale_2N[0]), scale_rows(u, scale_2N[1])
+    X_pca = pca(s_n.log1p(), cfg.n_pcs, cfg.seed, where)
+    distances, connectivities = knn_graph(X_pca, cfg.n_neighbours, cfg.seed, where)
+    op = moments_operator(connectivities)
+    nb = Neighbourhood(X_pca=X_pca, distances=distances, connectivities=connectivities, operator=op,
+                       Ms=moments(op, s_n, dense), Mu=moments(op, u_n, dense))
+    return nb, s_n, u_n
