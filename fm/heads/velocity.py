@@ -24,8 +24,11 @@ Training modes (``mode``):
   token (i, g) in the gene's (u, s) plane, (du/dt, ds/dt), should point at one of the cell's neighbours j:
   loss = mean over tokens of 1 - max_j cos((du, ds)_ig, (u_jg - u_ig, s_jg - s_ig)). Neighbours come from the batch:
   ``neighbour_space="gene"`` takes the k nearest cells in that gene's (u, s) plane (cellDancer), ``"expression"`` the
-  k nearest cells in the batch's log1p expression, or a precomputed ``B_NEIGHBOURS`` batch entry (indices into the
-  batch, e.g. from a velocity graph) when present.
+  k nearest cells in the batch's log1p expression.
+
+(u, s) are the moments over the dataset's neighbourhood (``B_MU``, ``B_MS``, fm.velocity.neighbours) wherever the
+batch has them, as every peer works on moments, and the cell's own values otherwise; this holds for the ``rates``
+velocity and for the kinetic loss alike.
 
 Shapes: B cells, Q query genes (the batch's G tokens), K neighbours, U genes of the batch's union, D width.
 
@@ -102,18 +105,29 @@ def per_gene_std(target_BQ: Tensor, known_BQ: Tensor, col_BQ: Tensor, n_cols: in
     return torch.where(ok_U, std_U, fallback)
 
 
+def kinetic_state(batch: dict) -> tuple[Tensor, Tensor]:
+    """(u, s) [B, G] the kinetics act on: the moments over the dataset's neighbourhood (B_MU, B_MS) where the batch has
+    them, else the cell's own values (a dataset converted without neighbourhood); both normalised and log1p'd."""
+    u_BQ, s_BQ = batch[keys.B_UNSPLICED], batch[keys.B_SPLICED]
+    if keys.B_MS in batch and keys.B_MU in batch:
+        ms_BQ, mu_BQ = batch[keys.B_MS], batch[keys.B_MU]
+        u_BQ = torch.where(torch.isfinite(mu_BQ), mu_BQ, u_BQ)
+        s_BQ = torch.where(torch.isfinite(ms_BQ), ms_BQ, s_BQ)
+    return u_BQ, s_BQ
+
+
 @torch.no_grad()
 def kinetic_neighbours(batch: dict, k: int, space: str) -> tuple[Tensor, Tensor]:
     """(u, s) of each token's neighbours at the same gene: ([B, Q, K], [B, Q, K]), K = min(k, B - 1)."""
     ids_BQ, mask_BQ = batch[keys.B_GENE_IDS], batch[keys.B_GENE_MASK].bool()
-    u_BQ, s_BQ = batch[keys.B_UNSPLICED], batch[keys.B_SPLICED]
+    u_BQ, s_BQ = kinetic_state(batch)
     B = ids_BQ.shape[0]
     if B < 2:
         raise ValueError("kinetic loss needs at least 2 cells in the batch")
     ids_U, col_BQ = batch_union(ids_BQ, mask_BQ)
     u_BU = densify(u_BQ, col_BQ, mask_BQ, ids_U.numel())
     s_BU = densify(s_BQ, col_BQ, mask_BQ, ids_U.numel())
-    if space == "gene" and keys.B_NEIGHBOURS not in batch:
+    if space == "gene":
         K = min(k, B - 1)
         # every cell's (u, s) at each token's gene: [B_j, B_i, Q] -> [B_i, Q, B_j]
         u_BQB, s_BQB = u_BU[:, col_BQ].permute(1, 2, 0), s_BU[:, col_BQ].permute(1, 2, 0)
@@ -121,12 +135,9 @@ def kinetic_neighbours(batch: dict, k: int, space: str) -> tuple[Tensor, Tensor]
         eye_B1B = torch.eye(B, dtype=torch.bool, device=d_BQB.device)[:, None, :]
         idx_BQK = d_BQB.masked_fill(eye_B1B, float("inf")).topk(K, dim=-1, largest=False).indices
         return u_BQB.gather(-1, idx_BQK), s_BQB.gather(-1, idx_BQK)
-    if keys.B_NEIGHBOURS in batch:
-        idx_BK = batch[keys.B_NEIGHBOURS].long()
-    else:
-        x_BX = torch.cat([s_BU, u_BU], dim=1)
-        d_BB = torch.cdist(x_BX, x_BX).fill_diagonal_(float("inf"))
-        idx_BK = d_BB.topk(min(k, B - 1), dim=-1, largest=False).indices
+    x_BX = torch.cat([s_BU, u_BU], dim=1)
+    d_BB = torch.cdist(x_BX, x_BX).fill_diagonal_(float("inf"))
+    idx_BK = d_BB.topk(min(k, B - 1), dim=-1, largest=False).indices
     # neighbour j's value at cell i's genes: dense[j, col[i, q]]
     return u_BU[idx_BK[:, None, :], col_BQ[..., None]], s_BU[idx_BK[:, None, :], col_BQ[..., None]]
 
@@ -176,7 +187,7 @@ class VelocityHead(Head):
         c = self.config
         if query is None:
             raw_BQ5, _ = self.decoder(batch[keys.B_GENE_IDS], encoder_output)
-            u_BQ, s_BQ = batch[keys.B_UNSPLICED], batch[keys.B_SPLICED]
+            u_BQ, s_BQ = kinetic_state(batch)
             query_BQ = batch[keys.B_GENE_MASK].bool()
         else:
             raw_BQ5, _ = self.decoder(query.gene_ids_BQ, encoder_output, query.token_BQ)
@@ -243,9 +254,10 @@ class VelocityHead(Head):
     def _kinetic_loss(self, batch: dict, outputs: dict[str, Tensor]) -> LossOutput:
         c = self.config
         nb_u_BQK, nb_s_BQK = kinetic_neighbours(batch, c.n_neighbours, c.neighbour_space)
+        u_BQ, s_BQ = kinetic_state(batch)
         cos_BQ = max_neighbour_cosine(
-            batch[keys.B_UNSPLICED],
-            batch[keys.B_SPLICED],
+            u_BQ,
+            s_BQ,
             outputs["velocity_u"],
             outputs["velocity"],
             nb_u_BQK,

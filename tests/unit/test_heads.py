@@ -254,16 +254,21 @@ def test_kinetic_loss_zero_when_pointing_at_a_neighbour(space):
     assert head.loss(batch, outputs_orth).loss.item() == pytest.approx(1.0, abs=1e-5)
 
 
-def test_kinetic_loss_precomputed_neighbours():
-    batch = _line_batch()
-    batch[keys.B_NEIGHBOURS] = torch.tensor([[5], [0], [1], [2], [3], [4]])  # each cell's neighbour: the previous one
-    head = VelocityHead(D, VOCAB, {"mode": "kinetic", "neighbour_space": "expression"})
-    s, u = batch[keys.B_SPLICED], batch[keys.B_UNSPLICED]
-    prev = batch[keys.B_NEIGHBOURS][:, 0]
-    outputs = {"velocity": s[prev] - s, "velocity_u": u[prev] - u, "query_mask": batch[keys.B_GENE_MASK]}
-    assert head.loss(batch, outputs).loss.item() == pytest.approx(0.0, abs=1e-6)
-    outputs = {**outputs, "velocity": s - s[prev], "velocity_u": u - u[prev]}  # away from it
-    assert head.loss(batch, outputs).loss.item() == pytest.approx(2.0, abs=1e-5)
+def test_kinetic_loss_and_rates_read_the_moments_where_the_batch_has_them():
+    line = _line_batch()
+    batch = {**line, keys.B_MS: line[keys.B_SPLICED], keys.B_MU: line[keys.B_UNSPLICED],  # the line, as moments
+             keys.B_SPLICED: torch.rand(6, 3), keys.B_UNSPLICED: torch.rand(6, 3)}  # fmt: skip  # single-cell noise
+    head = VelocityHead(D, VOCAB, {"mode": "kinetic", "n_neighbours": 2})
+    s, u = line[keys.B_SPLICED], line[keys.B_UNSPLICED]
+    nxt, nxt_u = torch.cat([s[1:], s[-2:-1]]), torch.cat([u[1:], u[-2:-1]])
+    outputs = {"velocity": nxt - s, "velocity_u": nxt_u - u, "query_mask": line[keys.B_GENE_MASK]}
+    assert head.loss(batch, outputs).loss.item() == pytest.approx(0.0, abs=1e-6)  # the moments' neighbours
+    assert head.loss(line, outputs).loss.item() == pytest.approx(0.0, abs=1e-6)
+    noisy = {**batch, keys.B_MS: torch.full_like(s, float("nan")), keys.B_MU: torch.full_like(s, float("nan"))}
+    assert head.loss(noisy, outputs).loss.item() > 0.05  # no moments (NaN): the cells' own (noisy) values
+    rates = VelocityHead(D, VOCAB, {"mode": "kinetic", "velocity_param": "rates"})
+    out = rates(batch, make_encoder()(batch))
+    torch.testing.assert_close(out["velocity"], out["beta"] * u - out["gamma"] * s)  # beta Mu - gamma Ms
 
 
 def test_kinetic_neighbours_gene_plane_excludes_self():
