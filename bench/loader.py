@@ -36,7 +36,7 @@ from bench.report import record
 from fm import keys
 from fm.data import stream
 from fm.data.schema import DatasetInfo, load_manifest
-from fm.data.shards import UnitIndex
+from fm.data.shards import UnitIndex, check_shards
 from fm.data.stream import ShardedArrowDataset, ShardedDataLoader
 from fm.data.tokenize import CellBlock, TokenizerConfig, tokenize_block
 from fm.data.vocab import GeneVocab
@@ -148,6 +148,23 @@ def worker_epoch_overhead(corpus: Path, batch_size: int, tok: TokenizerConfig) -
     k0 = _children_cpu()
     _timed(dl, 1)
     return 1e3 * (_children_cpu() - k0)
+
+
+def setup_check_cost(corpus: Path, rounds: int) -> dict:
+    """Wall seconds of the setup checks of every shard (fm.data.shards.check_shards, best of ``rounds``, page cache
+    warm) without and with sha256 (data.verify_checksums, the default): each rank pays it once per run."""
+    manifest = load_manifest(corpus)
+    best = {c: min(_wall(lambda c=c: check_shards(corpus, manifest, checksum=c)) for _ in range(rounds))
+            for c in (False, True)}
+    mb = sum(s.bytes for s in manifest.shards) / 1e6
+    return {"structural_s": best[False], "sha256_s": best[True], "mb": mb, "shards": len(manifest.shards),
+            "mb_per_s": mb / max(best[True] - best[False], 1e-9)}
+
+
+def _wall(f) -> float:
+    t0 = time.perf_counter()
+    f()
+    return time.perf_counter() - t0
 
 
 def stage_breakdown(corpus: Path, batch_size: int, tok: TokenizerConfig) -> dict:
@@ -288,6 +305,7 @@ def main() -> None:
     stages = stage_breakdown(corpus, a.batch_size, tok)
     overhead = worker_epoch_overhead(corpus, a.batch_size, tok)
     hf = time_hf(corpus, a.batch_size, tok, a.baseline_cells, a.out / "hf-cache")
+    checks = setup_check_cost(corpus, a.rounds)
     loads.append(os.getloadavg()[0])
     rows = []
     for name, runs in (("fm", fm), ("anndata", ann)):
@@ -322,7 +340,12 @@ def main() -> None:
         f"+ other {fm_read_ms:.2f} (fm's copy of the cells out of the memory map is inside its tokenize: a block's "
         f"arrays are views). A worker's start, exit and first window: {overhead:.0f} CPU ms per epoch "
         f"({overhead / n_batches:.2f} ms per batch of this epoch with 1 worker). "
-        f"Padding share {fm[0]['pad']:.3f} / {pad_b:.3f} with length bucketing.",
+        f"Padding share {fm[0]['pad']:.3f} / {pad_b:.3f} with length bucketing. "
+        f"Setup checks of the {checks['shards']} shards ({checks['mb']:,.0f} MB), once per rank per run: "
+        f"{1e3 * checks['structural_s']:.0f} ms structural, {1e3 * checks['sha256_s']:.0f} ms with sha256 "
+        f"(data.verify_checksums, default; sha256 at {checks['mb_per_s']:,.0f} MB/s), i.e. "
+        f"{100 * (checks['sha256_s'] - checks['structural_s']) / (a.cells / fm[0]['wall']):.0f}% of one in-process "
+        f"epoch over these cells.",
     ])
     log.info(text)
     if not a.no_write:
