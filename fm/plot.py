@@ -202,8 +202,26 @@ def find_metrics_csv(path: str | os.PathLike) -> list[Path]:
     found = sorted(path.glob("csv/metrics.csv")) + sorted(path.glob("csv/version_*/metrics.csv"))
     found = found or sorted(path.rglob("metrics.csv"))
     if not found:
-        raise FileNotFoundError(f"{path}: no metrics.csv in it (a run with logger=csv writes RUN/csv/metrics.csv)")
+        raise FileNotFoundError(_no_metrics_reason(path))
     return found
+
+
+def _no_metrics_reason(run: Path) -> str:
+    """Why a run folder has no metrics.csv, from what is in it (a run too short to log, or no CSV logger)."""
+    there = sorted(p.name + "/" * p.is_dir() for p in run.iterdir() if not p.name.startswith("."))
+    if not (run / "csv").is_dir():
+        return (f"{run}: no metrics.csv (it holds {there or 'nothing'}); a run with logger=csv or logger=default "
+                "writes RUN/csv/metrics.csv")
+    import yaml
+
+    every = "trainer.log_every_n_steps"
+    config = run / ".hydra" / "config.yaml"
+    if config.is_file():
+        trainer = (yaml.safe_load(config.read_text()) or {}).get("trainer") or {}
+        every += f"={trainer.get('log_every_n_steps', '?')}, max_steps={trainer.get('max_steps', '?')}"
+    return (f"{run}: nothing to plot: csv/ holds {sorted(p.name for p in (run / 'csv').iterdir())} but no "
+            f"metrics.csv, so no step was logged ({every}; a run shorter than log_every_n_steps logs none). The run "
+            f"holds {there}; rerun with trainer.log_every_n_steps=1 to see a short run's loss")
 
 
 def _run_name(csv: Path) -> str:

@@ -292,7 +292,7 @@ def _scales(block: CellBlock, cfg: TokenizerConfig) -> np.ndarray:
             i = int(np.flatnonzero(bad)[0])
             raise ValueError(
                 f"normalization='size_factor' but cell {block.cell_id[i]!r} of dataset {block.dataset_id[i]!r} has "
-                f"{keys.SIZE_FACTOR}={block.size_factor_B[i]!r} (needs a positive number in the corpus column)"
+                f"{keys.SIZE_FACTOR}={float(block.size_factor_B[i])} (needs a positive number in the corpus column)"
             )
         return np.broadcast_to((1.0 / sf).astype(np.float32), (2, B))
     lib_2B = np.stack([block.library_size_spliced_B, block.library_size_unspliced_B]).astype(np.float64)

@@ -272,3 +272,18 @@ def test_pancreas_steady_state_flows_down_the_known_transitions(tmp_path):
     assert towards("Pre-endocrine", "Ngn3 high EP") < 0.2
     out = save_figure(velocity_embedding(adata, kind="stream"), tmp_path / "pancreas.png")
     assert png_size(out) == (round(FIGSIZE[0] * DPI), round(FIGSIZE[1] * DPI))
+
+
+def test_loss_of_a_run_too_short_to_log_says_why(tmp_path, capsys):
+    """A run that stopped before its first logged step: say what the run holds and why nothing is plotted (it said
+    "no metrics.csv" as if the folder were not a run)."""
+    run = tmp_path / "run"
+    for folder in ("csv", ".hydra", "checkpoints"):
+        (run / folder).mkdir(parents=True)
+    (run / "csv" / "hparams.yaml").write_text("{}\n")
+    (run / "checkpoints" / "last.ckpt").write_bytes(b"")
+    (run / ".hydra" / "config.yaml").write_text("trainer:\n  log_every_n_steps: 10\n  max_steps: 3\n")
+    assert main(["plot", "loss", str(run), "--out", str(tmp_path / "loss.png")]) == 2
+    err = capsys.readouterr().err
+    assert "no step was logged" in err and "log_every_n_steps=10, max_steps=3" in err, err
+    assert "hparams.yaml" in err and "checkpoints/" in err and "trainer.log_every_n_steps=1" in err
