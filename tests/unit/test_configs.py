@@ -89,27 +89,42 @@ def _commented(text: str, key: str) -> bool:
     return any(line.startswith(f"{key}:") and "#" in line for line in text.splitlines())
 
 
-@pytest.mark.parametrize("group, option, fields", [
-    ("data", "corpus", "DataConfig+TokenizerConfig"),
-    ("trainer", "default", "Trainer"),
-])
-def test_every_config_field_is_in_the_yaml_with_a_comment(group, option, fields):
-    """No hidden key that only `+key=` reaches, and a one-line comment on each (before: data.normalization,
-    data.verify_checksums, ... were missing from configs/data/corpus.yaml)."""
+def _user_fields(what: str) -> set[str]:
     import dataclasses
     import inspect
 
     from fm.data.datamodule import DataConfig
     from fm.data.tokenize import TokenizerConfig
+    from fm.heads.contrastive import ContrastiveConfig
+    from fm.model.config import ZorroConfig
+    from fm.tasks.optim import OptimConfig
 
-    if fields == "Trainer":
-        names = set(inspect.signature(L.Trainer.__init__).parameters) - {"self"} - TRAINER_NOT_OPTIONS
-    else:
-        names = {f.name for cls in (DataConfig, TokenizerConfig) for f in dataclasses.fields(cls)}
+    if what == "Trainer":
+        return set(inspect.signature(L.Trainer.__init__).parameters) - {"self"} - TRAINER_NOT_OPTIONS
+    classes = {"DataConfig+TokenizerConfig": (DataConfig, TokenizerConfig), "ZorroConfig": (ZorroConfig,),
+               "ContrastiveConfig": (ContrastiveConfig,), "OptimConfig": (OptimConfig,)}[what]
+    names = {f.name for cls in classes for f in dataclasses.fields(cls)}
+    return names - {"vocab_size"}  # the corpus's, set by fm.train
+
+
+@pytest.mark.parametrize("group, option, section, fields", [
+    ("data", "corpus", None, "DataConfig+TokenizerConfig"),
+    ("trainer", "default", None, "Trainer"),
+    *(("model", m, None, "ZorroConfig") for m in ("debug", "small", "base")),
+    ("task", "contrastive", "head", "ContrastiveConfig"),
+    ("task", "contrastive", "optim", "OptimConfig"),
+])
+def test_every_config_field_is_in_the_yaml_with_a_comment(group, option, section, fields):
+    """No hidden key that only `+key=` reaches, and a one-line comment on each (before: data.normalization,
+    data.verify_checksums, ... were missing from configs/data/corpus.yaml)."""
     values, text = _yaml_keys(group, option)
-    assert not sorted(names - set(values)), f"configs/{group}/{option}.yaml lacks {sorted(names - set(values))}"
-    uncommented = [k for k in values if k != "_target_" and not _commented(text, k)]
-    assert not uncommented, f"configs/{group}/{option}.yaml: no comment on {uncommented}"
+    values = values[section] if section else values
+    where = f"configs/{group}/{option}.yaml" + (f" ({section})" if section else "")
+    missing = sorted(_user_fields(fields) - set(values))
+    assert not missing, f"{where} lacks {missing}"
+    indent = "  " if section else ""
+    uncommented = [k for k in values if k not in ("_target_", "name") and not _commented(text, indent + k)]
+    assert not uncommented, f"{where}: no comment on {uncommented}"
 
 
 def test_progress_bar_off_by_the_trainer_switch(corpus, tmp_path):
