@@ -43,6 +43,7 @@ from fm.velocity.neighbours import NeighbourConfig, Neighbourhood, second_order_
 log = logging.getLogger(__name__)
 
 METHODS = ("steady_state", "stochastic", "dynamical")
+BLOCK_ELEMENTS = 1 << 24  # cells x genes per block of a fit
 SCVELO_EXTRA = 'scVelo is needed for --method dynamical: pip install "fm[velocity]" (or pip install scvelo)'
 
 
@@ -131,11 +132,10 @@ def report_unfit(unfit: dict[int, str], n_genes: int, method: str, genes: Sequen
                 where or "dataset", method, len(unfit), n_genes, shown, more)
 
 
-def unfit_genes(Ms_NG: np.ndarray, Mu_NG: np.ndarray, min_cells: int) -> dict[int, str]:
-    """Genes no teacher can fit, with the reason: non-finite moments, no signal, or too few cells with signal."""
+def unfit_genes(finite_G: np.ndarray, n_s_G: np.ndarray, n_u_G: np.ndarray, min_cells: int) -> dict[int, str]:
+    """Genes no teacher can fit, with the reason, from per-gene statistics: all moments finite, the number of cells
+    with Ms > 0 and with Mu > 0."""
     out: dict[int, str] = {}
-    finite_G = np.isfinite(Ms_NG).all(0) & np.isfinite(Mu_NG).all(0)
-    n_s_G, n_u_G = (Ms_NG > 0).sum(0), (Mu_NG > 0).sum(0)
     for g in np.flatnonzero(~finite_G):
         out[int(g)] = "non-finite moments"
     for g in np.flatnonzero(finite_G & ((n_s_G == 0) | (n_u_G == 0))):
@@ -143,6 +143,13 @@ def unfit_genes(Ms_NG: np.ndarray, Mu_NG: np.ndarray, min_cells: int) -> dict[in
     for g in np.flatnonzero(finite_G & (n_s_G > 0) & (n_u_G > 0) & (np.minimum(n_s_G, n_u_G) < min_cells)):
         out[int(g)] = f"signal in {int(min(n_s_G[g], n_u_G[g]))} cells, fewer than min_cells={min_cells}"
     return out
+
+
+def gene_blocks(n_cells: int, columns: np.ndarray) -> list[np.ndarray]:
+    """``columns`` cut into blocks of at most BLOCK_ELEMENTS cells x genes: the fits' float64 temporaries stay
+    bounded (~128 MiB each) on a million-cell dataset while each block is still one vectorised step."""
+    step = max(1, BLOCK_ELEMENTS // max(n_cells, 1))
+    return [columns[a:a + step] for a in range(0, len(columns), step)]
 
 
 def _check_moments(Ms_NG, Mu_NG, where: str, *others) -> tuple[np.ndarray, np.ndarray]:
@@ -160,8 +167,11 @@ def _finish(method: str, Ms, Mu, gamma_G, r2_G, vgenes_G, unfit, genes, where, v
     bad = np.zeros(Ms.shape[1], bool)
     bad[list(unfit)] = True
     gamma = np.where(bad, np.nan, gamma_G).astype(np.float32)
-    with np.errstate(invalid="ignore"):
-        velocity = (np.asarray(Mu, np.float32) - gamma * np.asarray(Ms, np.float32)).astype(np.float32)
+    velocity = np.empty(Ms.shape, np.float32)
+    for cols in gene_blocks(Ms.shape[0], np.arange(Ms.shape[1])):
+        sl = slice(cols[0], cols[-1] + 1)
+        with np.errstate(invalid="ignore"):
+            velocity[:, sl] = np.asarray(Mu[:, sl], np.float32) - gamma[sl] * np.asarray(Ms[:, sl], np.float32)
     report_unfit(unfit, Ms.shape[1], method, genes, where)
     return TeacherResult(method=method, velocity=velocity, velocity_u=velocity_u, gamma=gamma,
                          r2=np.where(bad, np.nan, r2_G).astype(np.float32), velocity_genes=vgenes_G & ~bad,
@@ -169,25 +179,36 @@ def _finish(method: str, Ms, Mu, gamma_G, r2_G, vgenes_G, unfit, genes, where, v
 
 
 # --- steady state ----------------------------------------------------------------------------------------------------
+def _steady_state_block(Ms: np.ndarray, Mu: np.ndarray, perc: float) -> np.ndarray:
+    """Per-gene statistics of a block of genes [N, b]: rows gamma, r2, sum of w s^2, cells with Ms > 0, with Mu > 0,
+    all moments finite -> [6, b]."""
+    w = extreme_quantile(Ms, Mu, perc)
+    s, u = Ms.astype(np.float64), Mu.astype(np.float64)
+    ss = (w * s * s).sum(0)
+    gamma = _ratio((w * s * u).sum(0), ss)
+    res = u - gamma * s
+    tot = u - u.mean(0)
+    tt = (tot * tot).sum(0)
+    r2 = 1.0 - _ratio((res * res).sum(0), tt)
+    r2 = np.where(np.isfinite(r2) & (tt > 0), r2, 0.0)  # scVelo: an undefined r2 is 0
+    finite = np.isfinite(s).all(0) & np.isfinite(u).all(0)
+    return np.stack([gamma, r2, ss, (Ms > 0).sum(0), (Mu > 0).sum(0), finite])
+
+
 def _steady_state_fit(Ms: np.ndarray, Mu: np.ndarray, cfg: TeacherConfig):
     """scVelo's compute_deterministic: (gamma, r2, velocity genes) [G] as scVelo computes them (unfit genes
     included, so that its fallback threshold is the same), and the genes that cannot be fitted, with the reason."""
-    w = extreme_quantile(Ms, Mu, cfg.perc)
-    s, u = Ms.astype(np.float64), Mu.astype(np.float64)
-    ss_G = (w * s * s).sum(0)
-    gamma_G = _ratio((w * s * u).sum(0), ss_G)
-    res = u - gamma_G * s
-    tot = u - u.mean(0)
-    r2_G = 1.0 - _ratio((res * res).sum(0), (tot * tot).sum(0))
-    r2_G = np.where(np.isfinite(r2_G) & ((tot * tot).sum(0) > 0), r2_G, 0.0)
-    vgenes = (r2_G > cfg.min_r2) & (gamma_G > cfg.min_ratio) & (Ms > 0).any(0) & (Mu > 0).any(0)
+    stats = np.concatenate([_steady_state_block(Ms[:, c[0]:c[-1] + 1], Mu[:, c[0]:c[-1] + 1], cfg.perc)
+                            for c in gene_blocks(Ms.shape[0], np.arange(Ms.shape[1]))], axis=1)
+    gamma_G, r2_G, ss_G, n_s_G, n_u_G, finite_G = stats
+    vgenes = (r2_G > cfg.min_r2) & (gamma_G > cfg.min_ratio) & (n_s_G > 0) & (n_u_G > 0)
     if vgenes.sum() < 2:  # scVelo's fallback for weak splicing signal
         threshold = np.percentile(r2_G, 80)
         vgenes = r2_G > threshold
         log.warning("steady-state fit: fewer than 2 genes pass min_r2=%g and min_ratio=%g; velocity genes are "
                     "those with r2 > %.4g (the 80th percentile, as scVelo); interpret with care",
                     cfg.min_r2, cfg.min_ratio, threshold)
-    unfit = unfit_genes(Ms, Mu, cfg.min_cells)
+    unfit = unfit_genes(finite_G.astype(bool), n_s_G, n_u_G, cfg.min_cells)
     for g in np.flatnonzero(~(ss_G > 0)):
         unfit.setdefault(int(g), "no spliced signal in the extreme-quantile cells")
     return gamma_G, r2_G, vgenes, unfit
@@ -203,6 +224,23 @@ def steady_state(Ms_NG: np.ndarray, Mu_NG: np.ndarray, cfg: TeacherConfig | None
 
 
 # --- stochastic ------------------------------------------------------------------------------------------------------
+def _stochastic_block(Ms, Mu, Mss, Mus, gamma_ss: np.ndarray, perc: float) -> tuple[np.ndarray, np.ndarray]:
+    """scVelo's leastsq_generalized on a block of genes [N, b]: (gamma [b], fitted [b] bool)."""
+    s, u = Ms.astype(np.float64), Mu.astype(np.float64)
+    var_ss = 2 * Mss.astype(np.float64) - s
+    cov_us = 2 * Mus.astype(np.float64) + u
+    gamma2 = _ratio((var_ss * cov_us).sum(0), (var_ss * var_ss).sum(0))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        # generalized least squares: each half of the stacked regression scaled by 1 / its residual's sd
+        w1 = 1.0 / (u - gamma_ss * s).std(0) ** 2
+        w2 = 1.0 / (cov_us - gamma2 * var_ss).std(0) ** 2
+        w = extreme_quantile(Ms, Mu, perc) | extreme_quantile(Ms, None, perc)
+        num = w1 * (w * s * u).sum(0) + w2 * (var_ss * cov_us).sum(0)
+        den = w1 * (w * s * s).sum(0) + w2 * (var_ss * var_ss).sum(0)
+    fitted = np.isfinite(den) & (den > 0) & np.isfinite(num)
+    return np.where(fitted, _ratio(num, den), 0.0), fitted
+
+
 def stochastic(Ms_NG: np.ndarray, Mu_NG: np.ndarray, Mss_NG: np.ndarray, Mus_NG: np.ndarray,
                cfg: TeacherConfig | None = None, genes: Sequence[str] | None = None, where: str = "") -> TeacherResult:
     """scVelo's ``tl.velocity(mode='stochastic')`` from first- and second-order moments [N, G] (dense).
@@ -212,23 +250,14 @@ def stochastic(Ms_NG: np.ndarray, Mu_NG: np.ndarray, Mss_NG: np.ndarray, Mus_NG:
     cfg = cfg or TeacherConfig("stochastic")
     Ms, Mu = _check_moments(Ms_NG, Mu_NG, where, ("Mss", Mss_NG), ("Mus", Mus_NG))
     gamma_G, r2_G, vgenes, unfit = _steady_state_fit(Ms, Mu, cfg)
-    idx = vgenes if vgenes.any() else np.ones_like(vgenes)
-    s, u = Ms[:, idx].astype(np.float64), Mu[:, idx].astype(np.float64)
-    var_ss = 2 * np.asarray(Mss_NG)[:, idx].astype(np.float64) - s
-    cov_us = 2 * np.asarray(Mus_NG)[:, idx].astype(np.float64) + u
-    gamma2 = _ratio((var_ss * cov_us).sum(0), (var_ss * var_ss).sum(0))
-    with np.errstate(divide="ignore", invalid="ignore"):
-        # generalized least squares: each block of the stacked regression scaled by 1 / its residual's sd
-        w1 = 1.0 / (u - gamma_G[idx] * s).std(0) ** 2
-        w2 = 1.0 / (cov_us - gamma2 * var_ss).std(0) ** 2
-        w = extreme_quantile(Ms[:, idx], Mu[:, idx], cfg.perc) | extreme_quantile(Ms[:, idx], None, cfg.perc)
-        num = w1 * (w * s * u).sum(0) + w2 * (var_ss * cov_us).sum(0)
-        den = w1 * (w * s * s).sum(0) + w2 * (var_ss * var_ss).sum(0)
-    fitted = np.isfinite(den) & (den > 0) & np.isfinite(num)
+    idx = np.flatnonzero(vgenes) if vgenes.any() else np.arange(Ms.shape[1])
     gamma_G = gamma_G.copy()
-    gamma_G[idx] = np.where(fitted, _ratio(num, den), 0.0)
-    for g in np.flatnonzero(idx)[~fitted]:
-        unfit.setdefault(int(g), "second-order fit undefined (zero or non-finite residual spread)")
+    for cols in gene_blocks(Ms.shape[0], idx):
+        gamma_b, fitted = _stochastic_block(Ms[:, cols], Mu[:, cols], np.asarray(Mss_NG[:, cols]),
+                                            np.asarray(Mus_NG[:, cols]), gamma_G[cols], cfg.perc)
+        gamma_G[cols] = gamma_b
+        for g in cols[~fitted]:
+            unfit.setdefault(int(g), "second-order fit undefined (zero or non-finite residual spread)")
     return _finish("stochastic", Ms, Mu, gamma_G, r2_G, vgenes, unfit, genes, where)
 
 

@@ -167,3 +167,17 @@ def test_teacher_errors_name_the_field_and_file():
         TeacherConfig(min_cells=0)
     with pytest.raises(TeacherError, match="x.h5ad: Mu has shape"):
         steady_state(np.ones((5, 3)), np.ones((5, 2)), where="x.h5ad")
+
+
+@pytest.mark.parametrize("method", ["steady_state", "stochastic"])
+def test_gene_blocks_do_not_change_the_result(tiny, method, monkeypatch):
+    """The fits run over blocks of genes to bound memory on large datasets; the blocks are invisible in the output."""
+    from fm.velocity import teachers
+
+    _, nb, s, u = tiny
+    whole = run_teacher(TeacherConfig(method), nb, s, u, NCFG)
+    monkeypatch.setattr(teachers, "BLOCK_ELEMENTS", 7 * s.shape[0])  # 7 genes a block, the last one shorter
+    blocks = run_teacher(TeacherConfig(method), nb, s, u, NCFG)
+    np.testing.assert_array_equal(blocks.velocity, whole.velocity)
+    np.testing.assert_array_equal(blocks.gamma, whole.gamma)
+    np.testing.assert_array_equal(blocks.velocity_genes, whole.velocity_genes)
