@@ -38,7 +38,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import scipy.sparse as sp
 
-from fm.velocity.neighbours import NeighbourConfig, Neighbourhood, second_order_moments
+from fm.velocity.neighbours import NeighbourConfig, Neighbourhood, moments, second_order_moments
 
 log = logging.getLogger(__name__)
 
@@ -152,8 +152,19 @@ def gene_blocks(n_cells: int, columns: np.ndarray) -> list[np.ndarray]:
     return [columns[a:a + step] for a in range(0, len(columns), step)]
 
 
+def _columns_ready(x_NG):
+    """Dense as it is; sparse moments (neighbourhood(dense=False)) as CSC, whose gene blocks slice cheaply."""
+    return sp.csc_matrix(x_NG, dtype=np.float32) if sp.issparse(x_NG) else np.asarray(x_NG)
+
+
+def _block(x_NG, cols) -> np.ndarray:
+    """Columns ``cols`` (a slice or indices) of dense or CSC moments, dense [N, b]."""
+    out = x_NG[:, cols]
+    return out.toarray() if sp.issparse(out) else np.asarray(out)
+
+
 def _check_moments(Ms_NG, Mu_NG, where: str, *others) -> tuple[np.ndarray, np.ndarray]:
-    Ms, Mu = np.asarray(Ms_NG), np.asarray(Mu_NG)
+    Ms, Mu = _columns_ready(Ms_NG), _columns_ready(Mu_NG)
     for name, x in (("Mu", Mu), *others):
         if np.shape(x) != Ms.shape:
             raise TeacherError(f"{where}: {name} has shape {np.shape(x)}, Ms has {Ms.shape}")
@@ -171,7 +182,7 @@ def _finish(method: str, Ms, Mu, gamma_G, r2_G, vgenes_G, unfit, genes, where, v
     for cols in gene_blocks(Ms.shape[0], np.arange(Ms.shape[1])):
         sl = slice(cols[0], cols[-1] + 1)
         with np.errstate(invalid="ignore"):
-            velocity[:, sl] = np.asarray(Mu[:, sl], np.float32) - gamma[sl] * np.asarray(Ms[:, sl], np.float32)
+            velocity[:, sl] = _block(Mu, sl).astype(np.float32) - gamma[sl] * _block(Ms, sl).astype(np.float32)
     report_unfit(unfit, Ms.shape[1], method, genes, where)
     return TeacherResult(method=method, velocity=velocity, velocity_u=velocity_u, gamma=gamma,
                          r2=np.where(bad, np.nan, r2_G).astype(np.float32), velocity_genes=vgenes_G & ~bad,
@@ -198,7 +209,8 @@ def _steady_state_block(Ms: np.ndarray, Mu: np.ndarray, perc: float) -> np.ndarr
 def _steady_state_fit(Ms: np.ndarray, Mu: np.ndarray, cfg: TeacherConfig):
     """scVelo's compute_deterministic: (gamma, r2, velocity genes) [G] as scVelo computes them (unfit genes
     included, so that its fallback threshold is the same), and the genes that cannot be fitted, with the reason."""
-    stats = np.concatenate([_steady_state_block(Ms[:, c[0]:c[-1] + 1], Mu[:, c[0]:c[-1] + 1], cfg.perc)
+    stats = np.concatenate([_steady_state_block(_block(Ms, slice(c[0], c[-1] + 1)),
+                                                _block(Mu, slice(c[0], c[-1] + 1)), cfg.perc)
                             for c in gene_blocks(Ms.shape[0], np.arange(Ms.shape[1]))], axis=1)
     gamma_G, r2_G, ss_G, n_s_G, n_u_G, finite_G = stats
     vgenes = (r2_G > cfg.min_r2) & (gamma_G > cfg.min_ratio) & (n_s_G > 0) & (n_u_G > 0)
@@ -216,7 +228,7 @@ def _steady_state_fit(Ms: np.ndarray, Mu: np.ndarray, cfg: TeacherConfig):
 
 def steady_state(Ms_NG: np.ndarray, Mu_NG: np.ndarray, cfg: TeacherConfig | None = None,
                  genes: Sequence[str] | None = None, where: str = "") -> TeacherResult:
-    """scVelo's ``tl.velocity(mode='deterministic')`` on first-order moments [N, G] (dense)."""
+    """scVelo's ``tl.velocity(mode='deterministic')`` on first-order moments [N, G] (dense or sparse)."""
     cfg = cfg or TeacherConfig("steady_state")
     Ms, Mu = _check_moments(Ms_NG, Mu_NG, where)
     gamma_G, r2_G, vgenes, unfit = _steady_state_fit(Ms, Mu, cfg)
@@ -243,18 +255,19 @@ def _stochastic_block(Ms, Mu, Mss, Mus, gamma_ss: np.ndarray, perc: float) -> tu
 
 def stochastic(Ms_NG: np.ndarray, Mu_NG: np.ndarray, Mss_NG: np.ndarray, Mus_NG: np.ndarray,
                cfg: TeacherConfig | None = None, genes: Sequence[str] | None = None, where: str = "") -> TeacherResult:
-    """scVelo's ``tl.velocity(mode='stochastic')`` from first- and second-order moments [N, G] (dense).
+    """scVelo's ``tl.velocity(mode='stochastic')`` from first- and second-order moments [N, G] (dense or sparse).
 
     ``Mss``, ``Mus``: moments of s*s and u*s (fm.velocity.neighbours.second_order_moments).
     """
     cfg = cfg or TeacherConfig("stochastic")
     Ms, Mu = _check_moments(Ms_NG, Mu_NG, where, ("Mss", Mss_NG), ("Mus", Mus_NG))
+    Mss, Mus = _columns_ready(Mss_NG), _columns_ready(Mus_NG)
     gamma_G, r2_G, vgenes, unfit = _steady_state_fit(Ms, Mu, cfg)
     idx = np.flatnonzero(vgenes) if vgenes.any() else np.arange(Ms.shape[1])
     gamma_G = gamma_G.copy()
     for cols in gene_blocks(Ms.shape[0], idx):
-        gamma_b, fitted = _stochastic_block(Ms[:, cols], Mu[:, cols], np.asarray(Mss_NG[:, cols]),
-                                            np.asarray(Mus_NG[:, cols]), gamma_G[cols], cfg.perc)
+        gamma_b, fitted = _stochastic_block(_block(Ms, cols), _block(Mu, cols), _block(Mss, cols),
+                                            _block(Mus, cols), gamma_G[cols], cfg.perc)
         gamma_G[cols] = gamma_b
         for g in cols[~fitted]:
             unfit.setdefault(int(g), "second-order fit undefined (zero or non-finite residual spread)")
@@ -342,7 +355,12 @@ def _run_steady_state(cfg, nb, s, u, ncfg, genes, where):
 
 
 def _run_stochastic(cfg, nb, s, u, ncfg, genes, where):
-    Mss, Mus = second_order_moments(nb.operator, s, u)
+    if sp.issparse(nb.Ms):  # a sparse neighbourhood (dense=False): second-order moments sparse as well
+        s32, u32 = sp.csr_matrix(s, dtype=np.float32), sp.csr_matrix(u, dtype=np.float32)
+        Mss, Mus = moments(nb.operator, s32.multiply(s32), dense=False), moments(nb.operator, s32.multiply(u32),
+                                                                               dense=False)
+    else:
+        Mss, Mus = second_order_moments(nb.operator, s, u)
     return stochastic(nb.Ms, nb.Mu, Mss, Mus, cfg, genes, where)
 
 

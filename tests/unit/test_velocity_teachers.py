@@ -181,3 +181,18 @@ def test_gene_blocks_do_not_change_the_result(tiny, method, monkeypatch):
     np.testing.assert_array_equal(blocks.velocity, whole.velocity)
     np.testing.assert_array_equal(blocks.gamma, whole.gamma)
     np.testing.assert_array_equal(blocks.velocity_genes, whole.velocity_genes)
+
+
+@pytest.mark.parametrize("method", ["steady_state", "stochastic"])
+def test_sparse_moments_give_the_same_result(tiny, method):
+    """A neighbourhood computed with dense=False (CSR moments, as conversion may keep them) is fitted alike."""
+    import dataclasses
+
+    import scipy.sparse as sp
+
+    _, nb, s, u = tiny
+    sparse_nb = dataclasses.replace(nb, Ms=sp.csr_matrix(nb.Ms), Mu=sp.csr_matrix(nb.Mu))
+    dense = run_teacher(TeacherConfig(method), nb, s, u, NCFG)
+    sparse = run_teacher(TeacherConfig(method), sparse_nb, s, u, NCFG)
+    np.testing.assert_array_equal(sparse.velocity, dense.velocity)
+    np.testing.assert_array_equal(sparse.velocity_genes, dense.velocity_genes)
