@@ -86,7 +86,7 @@ def check_config(cfg: DictConfig, optional: tuple[str, ...] = ()) -> None:
     """Raise MissingMandatoryValue naming every required key (``???`` in configs/) left unset, but ``optional``."""
     missing = sorted(k for k in OmegaConf.missing_keys(cfg) if not k.startswith("hydra.") and k not in optional)
     if missing:
-        raise MissingMandatoryValue(f"{', '.join(missing)} must be set, e.g. `fm pretrain {missing[0]}=...`")
+        raise MissingMandatoryValue(f"{', '.join(missing)} must be set: add {missing[0]}=... to the command")
 
 
 @contextmanager

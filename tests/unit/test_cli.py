@@ -37,6 +37,6 @@ def test_pretrain_without_a_corpus_is_one_line_and_leaves_no_run_folder(tmp_path
     proc = subprocess.run([sys.executable, "-m", "fm.cli", "pretrain", "logger=csv"], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stderr[-3000:]
-    expected = "fm: error: data.corpus must be set, e.g. `fm pretrain data.corpus=...`"
+    expected = "fm: error: data.corpus must be set: add data.corpus=... to the command"
     assert proc.stderr.strip().splitlines() == [expected]
     assert not list(tmp_path.iterdir()), sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
