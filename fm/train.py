@@ -93,7 +93,7 @@ def check_config(cfg: DictConfig, optional: tuple[str, ...] = ()) -> None:
 def user_errors(cfg: DictConfig) -> Iterator[None]:
     """Bad input (BAD_INPUT) becomes one line on stderr and exit code 2, and the run folder Hydra made before the
     config could be checked is removed when nothing but Hydra's own files are in it. Hydra would print a traceback
-    and exit 1 (it catches every Exception; SystemExit passes through)."""
+    and exit 1 (it catches every Exception; SystemExit passes through); HYDRA_FULL_ERROR=1 still shows it."""
     try:
         yield
     except (*BAD_INPUT, InstantiationException) as e:
