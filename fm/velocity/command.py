@@ -143,8 +143,9 @@ def run(args: argparse.Namespace) -> int:
     write_h5ad_atomic(adata, out)
     fm_uns = adata.uns[keys.UNS_FM]
     log.info("fm velocity: wrote %s (%d cells x %d genes, method %s): %d velocity genes, %d genes without velocity; "
-             "layers velocity, Ms, Mu; var velocity_genes, velocity_gamma; the neighbours graph", out, adata.n_obs,
-             adata.n_vars, tcfg.method, fm_uns["n_velocity_genes"], len(fm_uns["unfit_genes"]))
+             "layers %s; var %s; the neighbours graph", out, adata.n_obs, adata.n_vars, tcfg.method,
+             fm_uns["n_velocity_genes"], len(fm_uns["unfit_genes"]), ", ".join(fm_uns["layers"]),
+             ", ".join(output_fields(False)["var"]))
     return 0
 
 
