@@ -116,10 +116,10 @@ def transitions_section(adata, edges: Sequence[tuple[str, str]], cluster_key: st
     from fm.metrics.velocity import cross_boundary_correctness, in_cluster_coherence
 
     labels = np.asarray(adata.obs[cluster_key].astype(str))
-    names = set(labels.tolist())  # Python str: numpy's would print as np.str_('...') in the message
-    unknown = sorted({c for edge in edges for c in edge} - names)
+    unknown = sorted({c for edge in edges for c in edge} - set(labels))
     if unknown:
-        raise ValueError(f"--transitions: cluster(s) {unknown} not in obs['{cluster_key}'] (has {sorted(names)})")
+        raise ValueError(f"--transitions: cluster(s) {unknown} not in obs['{cluster_key}'] "
+                         f"(has {sorted(set(labels))})")
     space = ExpressionSpace.from_adata(adata)
     neighbourhood = expression_space(adata, N_NEIGHBOURS, space)
     _, pcs_NP, neighbours_NK = neighbourhood
