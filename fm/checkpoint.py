@@ -188,6 +188,7 @@ def release_config(ckpt: dict, source: Path, head: dict | None, vocab: GeneVocab
         "vocab_hash": vocab.hash,
         "n_genes": len(vocab),
         "tokenizer": tokenizer,
+        "neighbourhood": data_hp.get("neighbourhood"),  # the moments the model saw (None: none); fm predict's
         "training": {
             "checkpoint": str(source),
             "global_step": ckpt.get("global_step"),
@@ -411,10 +412,10 @@ def load_pretrained(path_or_repo_id: str | os.PathLike, *, attention: str | None
     """
     import torch
 
-    from fm.model.config import ZorroConfig
+    from fm.baselines.registry import BASELINES
+    from fm.heads.registry import HEADS
+    from fm.model.config import ZorroConfig, model_width
     from fm.model.zorro import ZorroEncoder
-    from fm.tasks.baseline import BASELINES
-    from fm.tasks.finetune import HEADS, model_width
 
     folder = resolve_release(path_or_repo_id, revision, cache_dir, local_files_only)
     config = read_release_config(folder)

@@ -99,3 +99,8 @@ PRESETS: dict[str, dict] = {
     "small": dict(vocab_size=20_000, d_model=256, depth=6, n_heads=8, n_fusion=8),
     "base": dict(vocab_size=20_000, d_model=768, depth=12, n_heads=12, n_fusion=16),
 }
+
+
+def model_width(config: ZorroConfig) -> int:
+    """D, the width of the encoder's outputs that heads read."""
+    return int(config.d_model)

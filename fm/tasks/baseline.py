@@ -25,21 +25,15 @@ from dataclasses import asdict
 import lightning as L
 import torch
 
-from fm.baselines.celldancer import CellDancerConfig, CellDancerHead
-from fm.baselines.scscope import ScScopeConfig, ScScopeHead
-from fm.baselines.scvi import SCVIConfig, SCVIHead
-from fm.heads.base import Head, LossOutput
+from fm.baselines.celldancer import CellDancerConfig
+from fm.baselines.registry import BASELINES
+from fm.baselines.scscope import ScScopeConfig
+from fm.baselines.scvi import SCVIConfig
+from fm.heads.base import LossOutput
 from fm.tasks.finetune import log_loss
 from fm.tasks.pretrain import CKPT_KEY, CheckpointMismatchError, rng_state, set_rng_state
 
 log = logging.getLogger(__name__)
-
-# baseline name -> (config class, head class); a config's type picks its head
-BASELINES: dict[str, tuple[type, type[Head]]] = {
-    "scvi": (SCVIConfig, SCVIHead),
-    "scscope": (ScScopeConfig, ScScopeHead),
-    "celldancer": (CellDancerConfig, CellDancerHead),
-}
 
 
 def baseline_name(config) -> str | None:

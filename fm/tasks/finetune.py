@@ -22,30 +22,23 @@ import lightning as L
 import torch
 
 from fm import keys
-from fm.heads.base import Head, LossOutput, check_fields
-from fm.heads.expression import ExpressionConfig, ExpressionHead
-from fm.heads.generative import GenerativeConfig, GenerativeHead
-from fm.heads.velocity import VelocityConfig, VelocityHead
-from fm.model.config import ZorroConfig
+from fm.heads.base import LossOutput, check_fields
+from fm.heads.expression import ExpressionConfig
+from fm.heads.generative import GenerativeConfig
+from fm.heads.registry import HEADS
+from fm.heads.velocity import VelocityConfig
+from fm.model.config import ZorroConfig, model_width
 from fm.model.zorro import ZorroEncoder
 from fm.tasks.optim import OptimConfig, param_groups, warmup_cosine
 from fm.tasks.pretrain import (
     CKPT_KEY,
     CheckpointMismatchError,
     check_checkpoint_meta,
-    model_width,
     rng_state,
     set_rng_state,
 )
 
 log = logging.getLogger(__name__)
-
-# head name -> (config class, head class); a config's type picks its head
-HEADS: dict[str, tuple[type, type[Head]]] = {
-    "expression": (ExpressionConfig, ExpressionHead),
-    "velocity": (VelocityConfig, VelocityHead),
-    "generative": (GenerativeConfig, GenerativeHead),
-}
 
 
 @dataclass

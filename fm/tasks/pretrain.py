@@ -22,7 +22,7 @@ import torch
 from fm import keys
 from fm.heads.base import LossOutput
 from fm.heads.contrastive import ContrastiveConfig, ContrastiveHead
-from fm.model.config import ZorroConfig
+from fm.model.config import ZorroConfig, model_width
 from fm.model.zorro import ZorroEncoder
 from fm.tasks.optim import OptimConfig, build_optimizer
 
@@ -39,10 +39,6 @@ class CheckpointMismatchError(ValueError):
 def model_config(name: str, vocab_size: int, **overrides) -> ZorroConfig:
     """A preset with overrides; ``None`` means "the preset's value" (so YAML can list every overridable key)."""
     return ZorroConfig.from_name(name, vocab_size=vocab_size, **{k: v for k, v in overrides.items() if v is not None})
-
-
-def model_width(config: ZorroConfig) -> int:
-    return int(config.d_model)
 
 
 def check_checkpoint_meta(meta: dict | None, vocab_hash: str | None, config: ZorroConfig, source: str) -> None:
