@@ -24,6 +24,7 @@ from data_prep.neighbourhoods import load_shard_moments
 from data_prep.sources import ConversionError, Source, open_source
 from data_prep.targets import DatasetSpec
 from fm import keys
+from fm.data.counts import stored_entries, values_at
 from fm.data.schema import SHARD_DIR, ShardInfo, sha256_file
 from fm.data.writer import conform, write_shard
 
@@ -44,21 +45,6 @@ class ShardTask:
     record_batch_size: int
     extra: dict[str, str] = field(default_factory=dict)
     moments: str | None = None  # the shard's moments file (data_prep.neighbourhoods), rows aligned with `rows`
-
-
-def _values_at(pattern: sp.csr_matrix, m: sp.csr_matrix) -> np.ndarray:
-    """Values of ``m`` at the stored positions of ``pattern`` (0 where ``m`` stores nothing), float32."""
-    m = sp.csr_matrix(m)
-    m.sum_duplicates()
-    ncol = pattern.shape[1]
-    key_p = np.repeat(np.arange(pattern.shape[0], dtype=np.int64), np.diff(pattern.indptr)) * ncol + pattern.indices
-    key_m = np.repeat(np.arange(m.shape[0], dtype=np.int64), np.diff(m.indptr)) * ncol + m.indices
-    pos = np.minimum(np.searchsorted(key_m, key_p), max(len(key_m) - 1, 0))
-    out = np.zeros(len(key_p), dtype=np.float32)
-    if len(key_m):
-        hit = key_m[pos] == key_p
-        out[hit] = m.data[pos[hit]]
-    return out
 
 
 def _list_array(indptr: np.ndarray, values: np.ndarray, typ: pa.DataType) -> pa.Array:
@@ -86,22 +72,8 @@ def _build_table(src: Source, t: ShardTask, a: int, b: int, sel: np.ndarray,
         return src.read_layer(layer, a, b)[sel][:, t.genes]
 
     s, u = read(keys.LAYER_SPLICED), read(keys.LAYER_UNSPLICED)
-    # counts are >= 0, so s + i*u is 0 exactly where s + u = 0: its pattern is the set of genes to store
-    c = sp.csr_matrix(s.astype(np.complex128) + 1j * u.astype(np.complex128))
-    c.sum_duplicates()
-    c.eliminate_zeros()
-    keep = np.diff(c.indptr) > 0  # a cell without counts is not a row
-    if moments is not None:  # moments are >= 0 too: add their pattern (stored as 0 + 0i where only they are > 0)
-        pattern = sp.csr_matrix(abs(c) + moments[0] + moments[1])
-        pattern.sum_duplicates()
-        pattern.eliminate_zeros()
-        pattern = pattern[keep]
-        c = c[keep]
-        c = sp.csr_matrix((_values_at(pattern, c.real) + 1j * _values_at(pattern, c.imag), pattern.indices,
-                           pattern.indptr), shape=pattern.shape)
-        ms_val, mu_val = (_values_at(pattern, m[keep]) for m in moments)
-    elif not keep.all():
-        c = c[keep]
+    keep = np.asarray((s + u).sum(1)).ravel() > 0  # a cell without counts is not a row (counts are >= 0)
+    c, ms_val, mu_val = stored_entries(s[keep], u[keep], None if moments is None else tuple(m[keep] for m in moments))
     indptr = c.indptr
     s_val, u_val = c.data.real.astype(np.float32), c.data.imag.astype(np.float32)
     rows = np.repeat(np.arange(c.shape[0]), np.diff(indptr))
@@ -123,7 +95,7 @@ def _build_table(src: Source, t: ShardTask, a: int, b: int, sel: np.ndarray,
             if dense is not None:  # gather directly; a dense layer as CSR would cost more than the gather
                 values = dense[sel][keep][:, t.genes][rows, c.indices].astype(np.float32)
             else:
-                values = _values_at(c, read(getattr(ds, attr))[keep])
+                values = values_at(c, read(getattr(ds, attr))[keep])
             cols[col] = _list_array(indptr, values, pa.float32())
     if ds.cell_type is not None:
         v = src.read_obs(ds.cell_type, a, b)[sel][keep]

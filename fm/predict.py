@@ -50,6 +50,7 @@ if TYPE_CHECKING:
     from fm.checkpoint import Pretrained
     from fm.data.tokenize import CellBlock, TokenizerConfig
     from fm.data.vocab import GeneMapping, GeneVocab
+    from fm.velocity.neighbours import NeighbourConfig, Neighbourhood
 
 log = logging.getLogger(__name__)
 
@@ -113,21 +114,19 @@ def map_input_genes(adata: anndata.AnnData, vocab: GeneVocab, source: str) -> Ge
     return GeneMap(columns, index_V[columns], index_V >= 0, mapping, field_name)
 
 
-def cell_block(s, u, a: int, b: int, genes: GeneMap, cell_ids: Sequence[str], size_factor: np.ndarray | None
-               ) -> CellBlock:
-    """Cells ``a:b`` as a CellBlock over their in-vocabulary genes with s + u > 0 (the corpus layout)."""
+def cell_block(s, u, a: int, b: int, genes: GeneMap, cell_ids: Sequence[str], size_factor: np.ndarray | None,
+               moments: tuple[sp.csr_matrix, sp.csr_matrix] | None = None) -> CellBlock:
+    """Cells ``a:b`` as a CellBlock over their in-vocabulary genes, stored by the corpus's rule (fm.data.counts:
+    s + u > 0, or with ``moments`` [N, M] in the corpus's units, Ms + Mu > 0)."""
     import scipy.sparse as sp
 
+    from fm.data.counts import stored_entries
     from fm.data.tokenize import CellBlock
 
     def rows(x) -> sp.csr_matrix:
         return sp.csr_matrix(x[a:b], dtype=np.float64)[:, genes.columns_M]
 
-    # counts are >= 0, so s + i*u is 0 exactly where s + u = 0 (as data_prep.shard_tasks stores genes)
-    c = sp.csr_matrix(rows(s) + 1j * rows(u))
-    c.sum_duplicates()
-    c.eliminate_zeros()
-    c.sort_indices()
+    c, ms_N, mu_N = stored_entries(rows(s), rows(u), None if moments is None else tuple(m[a:b] for m in moments))
     n = b - a
     cell_of_N = np.repeat(np.arange(n), np.diff(c.indptr))
     nan_B = np.full(n, np.nan, np.float32)
@@ -145,6 +144,8 @@ def cell_block(s, u, a: int, b: int, genes: GeneMap, cell_ids: Sequence[str], si
         cell_id=list(cell_ids[a:b]),
         dataset_id=["input"] * n,
         cell_type=[None] * n,
+        ms_N=ms_N,
+        mu_N=mu_N,
     )
 
 
@@ -170,6 +171,15 @@ class _Plan:
     tokenizer: TokenizerConfig
     layers: dict[str, str] = field(default_factory=dict)  # head output -> layer
 
+    @property
+    def moments(self) -> bool:
+        """The model was trained on a corpus with moments: its tokens carry them (B_MS, B_MU)."""
+        return bool(self.model.config.get("neighbourhood"))
+
+    @property
+    def targets(self) -> tuple[str, ...]:
+        return (keys.B_MS, keys.B_MU) if self.moments else ()
+
 
 def _plans(models: list[Pretrained], max_genes: int | None) -> list[_Plan]:
     """Each model's tokenizer and the layers its head declares (Head.predict_layers); no layer written twice."""
@@ -192,6 +202,21 @@ def _plans(models: list[Pretrained], max_genes: int | None) -> list[_Plan]:
     return plans
 
 
+def neighbourhood_for(plans: list[_Plan]) -> tuple[NeighbourConfig, bool]:
+    """The neighbourhood the releases were trained with (and True), or, when none records one, fm's defaults in the
+    first release's normalisation (and False: the moments are then written for scVelo but not shown to a model)."""
+    from fm.velocity.neighbours import NeighbourConfig
+
+    recorded = {p.model.path: p.model.config["neighbourhood"] for p in plans if p.moments}
+    if len({str(sorted(r.items())) for r in recorded.values()}) > 1:
+        raise ValueError(f"the releases were trained on different neighbourhoods ({recorded}); predict with each "
+                         "separately")
+    if recorded:
+        return NeighbourConfig(**next(iter(recorded.values()))), True
+    tok = plans[0].tokenizer
+    return NeighbourConfig(normalization=tok.normalization, target_sum=tok.target_sum), False
+
+
 def _layer_docs(plans: list[_Plan]) -> dict[str, str]:
     return {out.layer: out.doc for plan in plans if plan.model.head is not None
             for out in plan.model.head.predict_layers().values()}
@@ -200,12 +225,85 @@ def _layer_docs(plans: list[_Plan]) -> dict[str, str]:
 def _check_free(adata: anndata.AnnData, plans: list[_Plan], source: str, overwrite: bool) -> None:
     wanted = [("layers", layer) for plan in plans for layer in plan.layers.values()]
     wanted += [("obsm", keys.OBSM_EMBEDDING), ("obsm", keys.OBSM_FUSION), ("var", keys.VAR_FM_IN_VOCAB),
-               ("uns", keys.UNS_FM)]
+               ("uns", keys.UNS_FM), ("layers", keys.LAYER_MS), ("layers", keys.LAYER_MU)]
     taken = [f"{where}['{name}']" for where, name in wanted
              if name in (adata.var.columns if where == "var" else getattr(adata, where))]
     if taken and not overwrite:
         raise ValueError(f"{source}: already holds {', '.join(taken)} (an earlier fm predict?); pass overwrite=True "
                          "(--overwrite) to replace them")
+
+
+# --- the input's neighbourhood --------------------------------------------------------------------------------------
+MOMENT_DOCS = {
+    keys.LAYER_MS: "first-order moment of spliced over the cell's neighbours (fm.velocity.neighbours), normalised and "
+                   "log1p'd as the model's inputs: the units of layers['velocity'], so scVelo's velocity_graph reads "
+                   "both as they are; NaN outside the vocabulary",
+    keys.LAYER_MU: "the same for unspliced",
+}
+GRAPH_FIELDS = (("obsp", "distances"), ("obsp", "connectivities"), ("uns", "neighbors"), ("obsm", "X_pca"))
+
+
+def input_neighbourhood(s, u, genes: GeneMap, cfg: NeighbourConfig, size_factor: np.ndarray | None, source: str,
+                        required: bool) -> Neighbourhood | None:
+    """The input's neighbourhood over its in-vocabulary genes, moments in the corpus's units (docs/FORMAT.md).
+
+    None, with a warning, when it cannot be computed (e.g. fewer cells than neighbours) and the releases do not need
+    it; an error when they were trained on moments.
+    """
+    import scipy.sparse as sp
+
+    from fm.velocity.neighbours import NeighbourhoodError, neighbourhood
+
+    s_M, u_M = (sp.csr_matrix(x)[:, genes.columns_M] for x in (s, u))
+    # as conversion (data_prep.neighbourhoods): a cell without counts has no place in expression space; it is left
+    # out of the graph and gets zero moments
+    has = np.flatnonzero(np.asarray(s_M.sum(1)).ravel() + np.asarray(u_M.sum(1)).ravel() > 0)
+    if 2 < len(has) <= cfg.n_neighbours:  # a small input: every other cell is a neighbour
+        log.warning("%s: %d cells with counts, fewer than n_neighbours + 1 = %d; moments over %d neighbours",
+                    source, len(has), cfg.n_neighbours + 1, len(has) - 1)
+        cfg = replace(cfg, n_neighbours=len(has) - 1)
+    try:
+        nb, _, _ = neighbourhood(s_M[has], u_M[has], cfg, None if size_factor is None else size_factor[has],
+                                 where=source, dense=False)
+    except NeighbourhoodError as e:
+        if required:
+            raise ValueError(f"{e} (the release was trained on moments over {cfg.n_neighbours} neighbours)") from e
+        log.warning("%s; no moments or neighbours graph are written", e)
+        return None
+    if cfg.normalization == "total":  # the corpus stores fractions of the library; the tokenizer scales them
+        nb.Ms, nb.Mu = nb.Ms / np.float32(cfg.target_sum), nb.Mu / np.float32(cfg.target_sum)
+    if len(has) < s_M.shape[0]:  # back onto every input cell
+        N = s_M.shape[0]
+        lift = sp.csr_matrix((np.ones(len(has), np.float32), (has, np.arange(len(has)))), shape=(N, len(has)))
+        nb.Ms, nb.Mu = sp.csr_matrix(lift @ nb.Ms), sp.csr_matrix(lift @ nb.Mu)
+        nb.distances, nb.connectivities = (sp.csr_matrix(lift @ g @ lift.T) for g in (nb.distances, nb.connectivities))
+        X = np.zeros((N, nb.X_pca.shape[1]), np.float32)
+        X[has] = nb.X_pca
+        nb.X_pca = X
+    return nb
+
+
+def write_neighbourhood(out: anndata.AnnData, adata: anndata.AnnData, nb: Neighbourhood | None, cfg: NeighbourConfig,
+                        genes: GeneMap, tokenizer: TokenizerConfig) -> bool:
+    """``layers['Ms']``/``['Mu']`` in the velocity's units and, when the input has no neighbours graph of its own,
+    scanpy's graph fields (True when written): what scVelo's velocity_graph and stream plots read."""
+    from fm.data.tokenize import moment_scale
+    from fm.velocity.teachers import scanpy_neighbors_uns
+
+    if nb is None:
+        return False
+    for layer, m in ((keys.LAYER_MS, nb.Ms), (keys.LAYER_MU, nb.Mu)):
+        full = np.full(out.shape, np.nan, np.float32)
+        full[:, genes.columns_M] = np.log1p(m.toarray() * np.float32(moment_scale(tokenizer)))
+        out.layers[layer] = full
+    theirs = [f"{where}['{name}']" for where, name in GRAPH_FIELDS if name in getattr(adata, where)]
+    if theirs:
+        log.info("the input has its own %s: kept (fm's moments used fm's graph)", ", ".join(theirs))
+        return False
+    out.obsp["distances"], out.obsp["connectivities"] = nb.distances, nb.connectivities
+    out.uns["neighbors"] = scanpy_neighbors_uns(cfg)
+    out.obsm["X_pca"] = nb.X_pca
+    return True
 
 
 # --- the model on a batch --------------------------------------------------------------------------------------------
@@ -220,8 +318,10 @@ def query_tokens(ids_BG: torch.Tensor, mask_BG: torch.Tensor, query_Q: torch.Ten
     return torch.where(hit_BQ, pos_BQ, torch.full_like(pos_BQ, -1))
 
 
-def dense_values(block: CellBlock, cfg: TokenizerConfig, vocab_to_m: np.ndarray, M: int) -> dict[str, np.ndarray]:
-    """Normalised log1p spliced / unspliced values [B, M] of every in-vocabulary gene (0 for a zero count).
+def dense_values(block: CellBlock, cfg: TokenizerConfig, vocab_to_m: np.ndarray, M: int,
+                 targets: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
+    """Normalised log1p spliced / unspliced values [B, M] of every in-vocabulary gene (0 for a zero count), and of
+    the moments in ``targets`` (B_MS, B_MU).
 
     Tokenised with the same code and settings as the encoder's input, keeping every stored gene, so a gene the
     encoder does not see (beyond max_genes) still gets its value.
@@ -229,12 +329,12 @@ def dense_values(block: CellBlock, cfg: TokenizerConfig, vocab_to_m: np.ndarray,
     from fm.data.tokenize import tokenize_block
 
     longest = int(np.diff(block.offsets_B1).max(initial=1))
-    full = tokenize_block(block, replace(cfg, max_genes=max(longest, 1)), np.random.default_rng(0), targets=())
+    full = tokenize_block(block, replace(cfg, max_genes=max(longest, 1)), np.random.default_rng(0), targets=targets)
     mask_BG = full[keys.B_GENE_MASK].numpy()
     rows, cols = np.nonzero(mask_BG)
     m = vocab_to_m[full[keys.B_GENE_IDS].numpy()[rows, cols]]
     out = {}
-    for key in (keys.B_SPLICED, keys.B_UNSPLICED):
+    for key in (keys.B_SPLICED, keys.B_UNSPLICED, *targets):
         dense_BM = np.zeros((len(block), M), np.float32)
         dense_BM[rows, m] = full[key].numpy()[rows, cols]
         out[key] = dense_BM
@@ -254,7 +354,9 @@ def _run_head(plan: _Plan, tensors: dict, enc, block: CellBlock, genes: GeneMap,
 
     head, dev = plan.model.head, enc.z_global.device
     M = len(genes.vocab_ids_M)
-    values = {k: torch.from_numpy(v).to(dev) for k, v in dense_values(block, plan.tokenizer, vocab_to_m, M).items()}
+    values = {k: torch.from_numpy(v).to(dev)
+              for k, v in dense_values(block, plan.tokenizer, vocab_to_m, M, plan.targets).items()}
+    state = (keys.B_MS, keys.B_MU) if plan.moments else (keys.B_SPLICED, keys.B_UNSPLICED)  # the kinetic state
     query_M = torch.from_numpy(genes.vocab_ids_M).to(dev)
     ids_BG, mask_BG = tensors[keys.B_GENE_IDS], tensors[keys.B_GENE_MASK].bool()
     B, G = ids_BG.shape
@@ -269,8 +371,8 @@ def _run_head(plan: _Plan, tensors: dict, enc, block: CellBlock, genes: GeneMap,
             gene_ids_BQ=q_Q[None, :].expand(B, -1),
             token_BQ=query_tokens(ids_BG, mask_BG, q_Q, plan.model.encoder.cfg.vocab_size),
             mask_BQ=torch.ones(B, j1 - j0, dtype=torch.bool, device=dev),
-            spliced_BQ=values[keys.B_SPLICED][:, j0:j1],
-            unspliced_BQ=values[keys.B_UNSPLICED][:, j0:j1],
+            spliced_BQ=values[state[0]][:, j0:j1],
+            unspliced_BQ=values[state[1]][:, j0:j1],
         )
         pred = head(tensors, enc, query=query)
         cols = genes.columns_M[j0:j1]
@@ -345,7 +447,7 @@ def predict(models: Pretrained | Sequence[Pretrained], adata: anndata.AnnData, *
     plans = _plans(models, max_genes)
     _check_free(adata, plans, source, overwrite)
     size_factor = None
-    if any(p.tokenizer.normalization == "size_factor" for p in plans):
+    if any(p.tokenizer.normalization == "size_factor" for p in plans):  # (the neighbourhood then too)
         if keys.SIZE_FACTOR not in adata.obs:
             raise ValueError(f"{source}: obs['{keys.SIZE_FACTOR}'] is missing; the release normalises by size factors")
         size_factor = np.asarray(adata.obs[keys.SIZE_FACTOR], dtype=np.float32)
@@ -356,6 +458,9 @@ def predict(models: Pretrained | Sequence[Pretrained], adata: anndata.AnnData, *
         for module in (m.encoder, m.head):  # a baseline's release has no encoder, a pretrained one no head
             if module is not None:
                 module.eval()
+
+    nb_cfg, nb_used = neighbourhood_for(plans)
+    nb = input_neighbourhood(s, u, genes, nb_cfg, size_factor, source, required=nb_used)
 
     M = len(genes.vocab_ids_M)
     vocab_to_m = np.full(len(vocab), -1, np.int64)
@@ -369,7 +474,8 @@ def predict(models: Pretrained | Sequence[Pretrained], adata: anndata.AnnData, *
         task = bar.add_task("fm predict", total=N)
         for a in range(0, N, batch_size):
             b = min(a + batch_size, N)
-            block = cell_block(s, u, a, b, genes, cell_ids, size_factor)
+            block = cell_block(s, u, a, b, genes, cell_ids, size_factor, None if nb is None or not nb_used
+                               else (nb.Ms, nb.Mu))
             lens_B = np.diff(block.offsets_B1)
             n_empty += int((lens_B == 0).sum())
             n_truncated += int((lens_B > plans[0].tokenizer.max_genes).sum())
@@ -377,7 +483,7 @@ def predict(models: Pretrained | Sequence[Pretrained], adata: anndata.AnnData, *
                 if i > 0 and not plan.layers:
                     continue
                 dev = plan.model.device
-                batch = tokenize_block(block, plan.tokenizer, rng, targets=())
+                batch = tokenize_block(block, plan.tokenizer, rng, targets=plan.targets)
                 tensors = {k: v.to(dev) for k, v in batch.items() if torch.is_tensor(v)}
                 if plan.model.encoder is None:  # a baseline: the head alone on the batch, [B, V] over the vocabulary
                     pred = plan.model.head({**batch, **tensors}, None)
@@ -409,6 +515,7 @@ def predict(models: Pretrained | Sequence[Pretrained], adata: anndata.AnnData, *
         out.obsm[keys.OBSM_EMBEDDING] = embedding
         out.obsm[keys.OBSM_FUSION] = fusion
     out.var[keys.VAR_FM_IN_VOCAB] = genes.in_vocab_V
+    wrote_graph = write_neighbourhood(out, adata, nb, nb_cfg, genes, plans[0].tokenizer)
     wrote_velocity_genes = keys.LAYER_VELOCITY in layers and keys.VAR_VELOCITY_GENES not in adata.var.columns
     if wrote_velocity_genes:
         out.var[keys.VAR_VELOCITY_GENES] = genes.in_vocab_V
@@ -426,9 +533,11 @@ def predict(models: Pretrained | Sequence[Pretrained], adata: anndata.AnnData, *
         "gene_selection": "gene_set=cell; a cell with more than max_genes in-vocabulary genes with counts shows the "
                           "encoder its top-expressed (s + u) max_genes; every in-vocabulary gene is predicted, one "
                           "the encoder did not see with own-state zero",
+        "neighbourhood": {**nb_cfg.to_dict(), "shown_to_the_model": nb_used, "computed": nb is not None,
+                          "graph_written": wrote_graph},
         "n_cells_truncated": n_truncated,
         "n_cells_without_counts": n_empty,
-        "layers": _layer_docs(plans),
+        "layers": {**_layer_docs(plans), **(MOMENT_DOCS if nb is not None else {})},
         "obsm": {keys.OBSM_EMBEDDING: "the first model's encoder z_global (cell summary)",
                  keys.OBSM_FUSION: "the first model's encoder z_fusion (mean fusion token)"} if embedding is not None
         else {},

@@ -17,17 +17,22 @@ from __future__ import annotations
 import torch
 
 
-def rounding_tolerance(want: torch.Tensor, terms: int) -> dict[str, float]:
-    """``rtol``/``atol`` for :func:`torch.testing.assert_close`: 2·terms·eps, and that times max |want|."""
+def rounding_tolerance(want: torch.Tensor, terms: int, dtype: torch.dtype | None = None) -> dict[str, float]:
+    """``rtol``/``atol`` for :func:`torch.testing.assert_close`: 2·terms·eps (eps of ``dtype``, default ``want``'s),
+    and that times max |want|."""
     if terms < 1:
         raise ValueError(f"terms must be >= 1, got {terms}")
-    tol = 2 * terms * torch.finfo(want.dtype).eps
+    tol = 2 * terms * torch.finfo(dtype or want.dtype).eps
     finite = want[torch.isfinite(want)]
     scale = float(finite.abs().max()) if finite.numel() else 0.0
     return {"rtol": tol, "atol": tol * scale}
 
 
 def assert_close_rounding(got, want, *, terms: int, msg: str | None = None) -> None:
-    """``got`` equals ``want`` (tensors or arrays) up to the rounding of reductions of ``terms`` products."""
+    """``got`` equals ``want`` (tensors or arrays) up to the rounding of reductions of ``terms`` products, in the
+    coarser precision of the two (a float32 result against a float64 reference: float32's)."""
     got, want = torch.as_tensor(got), torch.as_tensor(want)
-    torch.testing.assert_close(got, want, **rounding_tolerance(want, terms), msg=msg, equal_nan=True)
+    coarse = max((got.dtype, want.dtype), key=lambda d: torch.finfo(d).eps)
+    torch.testing.assert_close(got.to(torch.float64), want.to(torch.float64), equal_nan=True,
+                               **rounding_tolerance(want, terms, coarse),
+                               msg=None if msg is None else (lambda default: f"{msg}: {default}"))

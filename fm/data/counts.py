@@ -70,3 +70,43 @@ def check_counts(x_RG, where: str, allow_non_integer: bool, cell_name: Callable[
         row, col = divmod(bad.index, values.shape[1])
     raise error(f"{where} has {bad.what} ({bad.value}) at cell {str(cell_name(row))!r} (row {row_offset + row}), "
                 f"gene {str(gene_name(col))!r}{bad.hint}")
+
+
+def stored_entries(s_RG: sp.csr_matrix, u_RG: sp.csr_matrix, moments: tuple[sp.csr_matrix, sp.csr_matrix] | None = None
+                   ) -> tuple[sp.csr_matrix, np.ndarray | None, np.ndarray | None]:
+    """The genes each cell stores (docs/FORMAT.md): those with s + u > 0 and, with moments, Ms + Mu > 0.
+
+    Returns ``c`` [R, G] complex CSR with ``s + i*u`` at every stored gene (an explicit 0 where only the moments are
+    nonzero), sorted indices, and the moments (Ms, Mu) aligned with ``c.data`` (None without moments). Conversion
+    (data_prep.shard_tasks) and prediction (fm.predict) store a cell's genes by this one rule.
+    """
+    # counts are >= 0, so s + i*u is 0 exactly where s + u = 0: its pattern is the set of genes with counts
+    c = sp.csr_matrix(sp.csr_matrix(s_RG, dtype=np.float64) + 1j * sp.csr_matrix(u_RG, dtype=np.float64))
+    c.sum_duplicates()
+    c.eliminate_zeros()
+    if moments is None:
+        c.sort_indices()
+        return c, None, None
+    ms, mu = (sp.csr_matrix(m, dtype=np.float64) for m in moments)
+    pattern = sp.csr_matrix(abs(c) + ms + mu)  # moments are >= 0 too
+    pattern.sum_duplicates()
+    pattern.eliminate_zeros()
+    pattern.sort_indices()
+    data = values_at(pattern, c.real) + 1j * values_at(pattern, c.imag)
+    c = sp.csr_matrix((data, pattern.indices, pattern.indptr), shape=pattern.shape)
+    return c, values_at(pattern, ms), values_at(pattern, mu)
+
+
+def values_at(pattern: sp.csr_matrix, m: sp.spmatrix) -> np.ndarray:
+    """Values of ``m`` at the stored positions of ``pattern`` (sorted CSR; 0 where ``m`` stores nothing), float32."""
+    m = sp.csr_matrix(m)
+    m.sum_duplicates()
+    ncol = pattern.shape[1]
+    key_p = np.repeat(np.arange(pattern.shape[0], dtype=np.int64), np.diff(pattern.indptr)) * ncol + pattern.indices
+    key_m = np.repeat(np.arange(m.shape[0], dtype=np.int64), np.diff(m.indptr)) * ncol + m.indices
+    pos = np.minimum(np.searchsorted(key_m, key_p), max(len(key_m) - 1, 0))
+    out = np.zeros(len(key_p), dtype=np.float32)
+    if len(key_m):
+        hit = key_m[pos] == key_p
+        out[hit] = m.data[pos[hit]]
+    return out

@@ -114,7 +114,8 @@ class CorpusDataModule(L.LightningDataModule):
         unknown = sorted(set(self.config.val_datasets) - known)
         if unknown:
             raise ValueError(f"DataConfig.val_datasets: {unknown} not in the corpus (it has {sorted(known)})")
-        check_moments_normalization(self.manifest, self.config.tokenizer, self.config.corpus)
+        # recorded in checkpoints and releases, so fm predict computes the moments the model was trained on
+        self.hparams["neighbourhood"] = corpus_neighbourhood(self.manifest, self.config.tokenizer, self.config.corpus)
         self.train_index: UnitIndex | None = None
         self.val_index: UnitIndex | None = None
         self._train_loader: ShardedDataLoader | None = None
@@ -187,17 +188,25 @@ class CorpusDataModule(L.LightningDataModule):
             self._stream_state = None
 
 
-def check_moments_normalization(manifest: Manifest, tokenizer: TokenizerConfig, corpus: str) -> None:
-    """The corpus's moments were normalised by the rule the tokenizer applies to the counts (else Ms and the
-    normalised spliced value of a cell would be in different units)."""
-    for d in manifest.datasets:
+def corpus_neighbourhood(manifest: Manifest, tokenizer: TokenizerConfig, corpus: str) -> dict | None:
+    """The corpus's neighbourhood settings (fm.velocity.neighbours.NeighbourConfig fields; None: no moments).
+
+    Raises when the moments were normalised by another rule than the tokenizer's (Ms and a cell's normalised
+    spliced value would be in different units); a corpus whose datasets differ gets the first one's, with a warning.
+    """
+    found = [d for d in manifest.datasets if d.neighbourhood]
+    for d in found:
         norm = d.neighbourhood.get("normalization")
-        if norm is not None and norm != tokenizer.normalization:
+        if norm != tokenizer.normalization:
             raise CorpusError(
                 f"{corpus}: dataset {d.dataset_id!r} stores moments normalised by {norm!r} but data.normalization is "
                 f"{tokenizer.normalization!r}; set data.normalization={norm} or convert again with "
                 f"--normalization {tokenizer.normalization}"
             )
+    if any(d.neighbourhood != found[0].neighbourhood for d in found):
+        log.warning("%s: datasets were converted with different neighbourhood settings; releases record %s's",
+                    corpus, found[0].dataset_id)
+    return dict(found[0].neighbourhood) if found else None
 
 
 def split_index(index: UnitIndex, cfg: DataConfig) -> tuple[UnitIndex, UnitIndex]:

@@ -27,7 +27,7 @@ from fm.checkpoint import VOCAB_NAME, WEIGHTS_NAME, ReleaseError, export, load_p
 from fm.cli import main
 from fm.data.schema import load_manifest
 from fm.data.stream import decode_unit, gather_block
-from fm.data.tokenize import TokenizerConfig, tokenize_block
+from fm.data.tokenize import TokenizerConfig, moment_scale, tokenize_block
 from fm.heads.expression import QUERY_MASK
 from fm.predict import predict
 from fm.tasks.finetune import FinetuneTask
@@ -106,10 +106,11 @@ def reference(task: FinetuneTask, corpus: Path, cfg: TokenizerConfig, vocab_size
     """{output: {cell_id: [vocab_size] values (NaN where not predicted)}} from the training-checkpoint task."""
     out: dict[str, dict] = {}
     for block in corpus_blocks(corpus):
-        batch = tokenize_block(block, cfg, np.random.default_rng(0), targets=())
+        moments = (keys.B_MS, keys.B_MU) if block.ms_N is not None else ()  # the corpus's moments, as trained on
+        batch = tokenize_block(block, cfg, np.random.default_rng(0), targets=moments)
         B, G = batch[keys.B_GENE_IDS].shape
         ids, vis = torch.zeros(B, G + vocab_size, dtype=torch.long), torch.zeros(B, G + vocab_size, dtype=torch.bool)
-        vals = {k: torch.zeros(B, G + vocab_size) for k in (keys.B_SPLICED, keys.B_UNSPLICED)}
+        vals = {k: torch.zeros(B, G + vocab_size) for k in (keys.B_SPLICED, keys.B_UNSPLICED, *moments)}
         query = torch.zeros_like(vis)
         for b in range(B):
             lo, hi = block.offsets_B1[b], block.offsets_B1[b + 1]
@@ -128,6 +129,10 @@ def reference(task: FinetuneTask, corpus: Path, cfg: TokenizerConfig, vocab_size
                 dense[genes] = counts[lo:hi]
                 scale = cfg.target_sum / lib[b] if lib[b] > 0 else 0.0  # a zero library gives zeros, as the tokenizer
                 vals[k][b, n:n + len(others)] = torch.from_numpy(np.log1p(dense[others] * scale))
+            for k, moment in zip(moments, (block.ms_N, block.mu_N)):  # stored as fractions of the library
+                dense = np.zeros(vocab_size, np.float64)
+                dense[genes] = np.asarray(moment)[lo:hi]
+                vals[k][b, n:n + len(others)] = torch.from_numpy(np.log1p(dense[others] * moment_scale(cfg)))
             query[b, :n + len(others)] = True
         full = {keys.B_GENE_IDS: ids, keys.B_GENE_MASK: vis, **vals, QUERY_MASK: query,
                 keys.B_LIBRARY_SIZE_SPLICED: batch[keys.B_LIBRARY_SIZE_SPLICED],
