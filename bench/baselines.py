@@ -331,6 +331,7 @@ def train_fm_celldancer(mu_CG, ms_CG, fit_cells: np.ndarray, steps: int = 200, f
     opt = head.optimizer()
     fit = _subset(batch, torch.from_numpy(fit_cells))
     t0 = time.perf_counter()
+    head.observe(batch)  # each gene normalised by its maxima over every cell, as the package's, not the fitted ones'
     for _ in range(steps):
         loss = head.loss(fit, head(fit, None)).loss
         opt.zero_grad()

@@ -276,6 +276,13 @@ class CellDancerHead(Head):
         return out
 
     @torch.no_grad()
+    def observe(self, batch: dict) -> None:
+        """Raise the recorded per-gene maxima to this batch's without fitting it: the package normalises by the
+        maxima over all of a dataset's cells, also those it does not fit (bench/baselines fits a subset)."""
+        u_BV, s_BV = self.dense_us(batch)
+        self._record_maxima(u_BV.amax(dim=0), s_BV.amax(dim=0))
+
+    @torch.no_grad()
     def _record_maxima(self, u_V: Tensor, s_V: Tensor) -> None:
         """Raise the recorded per-gene maxima to this batch's (over the global batch under torch.distributed, so the
         ranks agree). Written only when one grows, so that a batch seen again reuses its points."""

@@ -488,6 +488,20 @@ def test_celldancer_prediction_does_not_depend_on_how_cells_are_batched():
                                whole["velocity"][halves[0]], rtol=1e-5, atol=1e-6)
 
 
+def test_celldancer_observes_the_maxima_of_cells_it_does_not_fit():
+    """As the package, which normalises by all of a dataset's cells before it samples those to fit: after
+    ``observe`` on every cell, training on a subset keeps the maxima of every cell."""
+    batch = _us_batch(n_cells=48, n_genes=5)
+    head = CellDancerHead(n_genes=5, patience=0)
+    head.observe(batch)
+    u, s = (x.amax(dim=0) for x in head.dense_us(batch))
+    fit = {k: v[:20] if torch.is_tensor(v) else v[:20] for k, v in batch.items()}
+    _train(head, fit, 2, optimizer=head.optimizer())
+    torch.testing.assert_close(head.u_max, u, rtol=0, atol=0)
+    torch.testing.assert_close(head.s_max, s, rtol=0, atol=0)
+    assert (head.dense_us(fit)[0].amax(dim=0) < u).any()  # the fitted cells alone have smaller maxima
+
+
 def test_celldancer_with_every_gene_stopped_gives_a_zero_loss_that_backpropagates():
     batch = _us_batch(n_genes=5)
     head = CellDancerHead(n_genes=5)
