@@ -36,12 +36,16 @@ FAST = ["logger=csv", "data.num_workers=0", "trainer.log_every_n_steps=1"]
 HYDRA = ("pretrain", "finetune")
 
 
-def quickstart(readme: str) -> list[str]:
-    """The command lines of the first bash block under '## Quickstart' (continuations joined, comments dropped)."""
-    section = readme.split("\n## Quickstart\n", 1)[1].split("\n## ", 1)[0]
-    block = section.split("```bash\n", 1)[1].split("```", 1)[0].replace("\\\n", " ")
-    lines = [line.split(" #", 1)[0].strip() for line in block.splitlines()]
+def command_lines(block: str) -> list[str]:
+    """A bash block's command lines, continuations joined, comments dropped."""
+    lines = [line.split(" #", 1)[0].strip() for line in block.replace("\\\n", " ").splitlines()]
     return [line for line in lines if line and not line.startswith("#")]
+
+
+def quickstart(readme: str) -> list[str]:
+    """The command lines of the first bash block under '## Quickstart'."""
+    section = readme.split("\n## Quickstart\n", 1)[1].split("\n## ", 1)[0]
+    return command_lines(section.split("```bash\n", 1)[1].split("```", 1)[0])
 
 
 def shrink(line: str) -> str:
@@ -55,6 +59,25 @@ def test_the_quickstart_is_the_whole_path():
     assert all(c[0] == "fm" for c in commands), commands
     for step in ("prep", "pretrain", "finetune", "export", "predict", "evaluate", "plot"):
         assert ["fm", step] in commands, step
+
+
+def test_every_fm_command_of_the_readme_parses():
+    """The commands the Quickstart does not run (other heads, your own data, GPU scale): their flags exist, and their
+    Hydra overrides compose with the real configs (a sweep's first value; hydra.* run settings aside)."""
+    from fm.cli import build_parser
+    from fm.train import compose
+
+    blocks = re.findall(r"```bash\n(.*?)```", (REPO / "README.md").read_text(), flags=re.S)
+    lines = [line for block in blocks for line in command_lines(block) if line.startswith("fm ")]
+    assert len(lines) > len(quickstart((REPO / "README.md").read_text())), lines
+    for line in lines:
+        argv = shlex.split(line)[1:]
+        if argv[0] in HYDRA:
+            overrides = [re.sub(r"=([^,=]*),.*", r"=\1", a) for a in argv[1:]
+                         if a != "-m" and not a.startswith("hydra.")]
+            compose(overrides, argv[0])
+        else:
+            build_parser().parse_args(argv)
 
 
 def test_quickstart_runs_as_written_at_a_tiny_size(tmp_path, monkeypatch):
