@@ -252,7 +252,7 @@ def input_neighbourhood(s, u, genes: GeneMap, cfg: NeighbourConfig, size_factor:
     """
     import scipy.sparse as sp
 
-    from fm.velocity.neighbours import NeighbourhoodError, neighbourhood
+    from fm.velocity.neighbours import NeighbourhoodError, attach_cells_without_counts, neighbourhood
 
     s_M, u_M = (sp.csr_matrix(x)[:, genes.columns_M] for x in (s, u))
     # as conversion (data_prep.neighbourhoods): a cell without counts has no place in expression space; it is left
@@ -273,13 +273,7 @@ def input_neighbourhood(s, u, genes: GeneMap, cfg: NeighbourConfig, size_factor:
     if cfg.normalization == "total":  # the corpus stores fractions of the library; the tokenizer scales them
         nb.Ms, nb.Mu = nb.Ms / np.float32(cfg.target_sum), nb.Mu / np.float32(cfg.target_sum)
     if len(has) < s_M.shape[0]:  # back onto every input cell
-        N = s_M.shape[0]
-        lift = sp.csr_matrix((np.ones(len(has), np.float32), (has, np.arange(len(has)))), shape=(N, len(has)))
-        nb.Ms, nb.Mu = sp.csr_matrix(lift @ nb.Ms), sp.csr_matrix(lift @ nb.Mu)
-        nb.distances, nb.connectivities = (sp.csr_matrix(lift @ g @ lift.T) for g in (nb.distances, nb.connectivities))
-        X = np.zeros((N, nb.X_pca.shape[1]), np.float32)
-        X[has] = nb.X_pca
-        nb.X_pca = X
+        nb = attach_cells_without_counts(nb, has, s_M.shape[0], cfg.n_neighbours)
     return nb
 
 

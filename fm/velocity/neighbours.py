@@ -76,6 +76,7 @@ class Neighbourhood:
     operator: sp.csr_matrix  # [N, N] row-stochastic moments operator (scVelo's get_connectivities)
     Ms: np.ndarray | sp.csr_matrix  # [N, G] float32, first-order moments of the normalised spliced counts
     Mu: np.ndarray | sp.csr_matrix  # [N, G] float32, of the normalised unspliced counts
+    origin: np.ndarray | None = None  # [P] where a cell without counts projects in X_pca's space
 
 
 def normalisation_scales(
@@ -111,8 +112,11 @@ def scale_rows(x_NG: sp.spmatrix, scale_N: np.ndarray) -> sp.csr_matrix:
     return sp.csr_matrix(sp.diags(scale_N) @ sp.csr_matrix(x_NG, dtype=np.float64), dtype=np.float32)
 
 
-def pca(log_spliced_NG: sp.csr_matrix, n_pcs: int, seed: int = 0, where: str = "") -> np.ndarray:
-    """PCA of log1p(normalised spliced) [N, P] by scanpy (arpack, implicitly centred for sparse input)."""
+def pca(log_spliced_NG: sp.csr_matrix, n_pcs: int, seed: int = 0, where: str = "") -> tuple[np.ndarray, np.ndarray]:
+    """PCA of log1p(normalised spliced) by scanpy (arpack, implicitly centred for sparse input).
+
+    Returns the cells' components [N, P] and where a cell without counts (all-zero expression) projects [P].
+    """
     import anndata as ad
     import scanpy as sc
 
@@ -134,7 +138,8 @@ def pca(log_spliced_NG: sp.csr_matrix, n_pcs: int, seed: int = 0, where: str = "
     X = np.asarray(a.obsm["X_pca"], np.float32)
     if not np.isfinite(X).all():
         raise NeighbourhoodError(f"{where}: PCA gave non-finite components")
-    return X
+    origin = -(np.asarray(log_spliced_NG.mean(0)).ravel() @ np.asarray(a.varm["PCs"]))
+    return X, origin.astype(np.float32)
 
 
 def knn_graph(
@@ -153,6 +158,36 @@ def knn_graph(
     a = ad.AnnData(X=np.zeros((N, 0), np.float32), obsm={"X_pca": X_pca_NP})
     sc.pp.neighbors(a, n_neighbors=n_neighbours, use_rep="X_pca", random_state=seed)
     return sp.csr_matrix(a.obsp["distances"]), sp.csr_matrix(a.obsp["connectivities"])
+
+
+def attach_cells_without_counts(nb: Neighbourhood, has_n: np.ndarray, N: int, n_neighbours: int) -> Neighbourhood:
+    """The neighbourhood of ``has_n`` (the n cells with counts, sorted indices into all N cells) lifted onto all N.
+
+    A cell without counts stays out of the moments (they are zero for it, and it is no one's neighbour), as conversion
+    leaves it out; in the written graph it points at the ``n_neighbours`` cells nearest to where zero expression
+    projects, so that every row of ``distances`` has neighbours (scVelo's velocity_graph requires it).
+    """
+    from sklearn.neighbors import NearestNeighbors
+
+    has_N, n = has_n, len(has_n)
+    lift = sp.csr_matrix((np.ones(n, np.float32), (has_N, np.arange(n))), shape=(N, n))
+    nb.Ms, nb.Mu = (sp.csr_matrix(lift @ m) if sp.issparse(m) else lift @ m for m in (nb.Ms, nb.Mu))
+    dist, conn = (sp.csr_matrix(lift @ g @ lift.T) for g in (nb.distances, nb.connectivities))
+    X = np.zeros((N, nb.X_pca.shape[1]), np.float32)
+    X[has_N] = nb.X_pca
+    empty = np.setdiff1d(np.arange(N), has_N)
+    if len(empty):
+        X[empty] = nb.origin
+        k = min(n_neighbours, n)
+        d_k, j_k = NearestNeighbors(n_neighbors=k).fit(nb.X_pca).kneighbors(nb.origin[None, :])
+        rows = np.repeat(empty, k)
+        cols = np.tile(has_N[j_k[0]], len(empty))
+        d = np.tile(np.maximum(d_k[0], np.float32(1e-12)), len(empty))
+        dist = dist + sp.csr_matrix((d, (rows, cols)), shape=(N, N))
+        conn = conn + sp.csr_matrix((np.ones(len(rows), np.float32), (rows, cols)), shape=(N, N))
+    nb.X_pca, nb.distances, nb.connectivities = X, sp.csr_matrix(dist), sp.csr_matrix(conn)
+    nb.operator = sp.csr_matrix(lift @ nb.operator @ lift.T)
+    return nb
 
 
 def moments_operator(connectivities_NN: sp.spmatrix) -> sp.csr_matrix:
@@ -204,9 +239,9 @@ def neighbourhood(
     lib_u = np.asarray(u.sum(1), np.float64).ravel()
     scale_2N = normalisation_scales(lib_s, lib_u, size_factor_N, cfg, where)
     s_n, u_n = scale_rows(s, scale_2N[0]), scale_rows(u, scale_2N[1])
-    X_pca = pca(s_n.log1p(), cfg.n_pcs, cfg.seed, where)
+    X_pca, origin = pca(s_n.log1p(), cfg.n_pcs, cfg.seed, where)
     distances, connectivities = knn_graph(X_pca, cfg.n_neighbours, cfg.seed, where)
     op = moments_operator(connectivities)
     nb = Neighbourhood(X_pca=X_pca, distances=distances, connectivities=connectivities, operator=op,
-                       Ms=moments(op, s_n, dense), Mu=moments(op, u_n, dense))
+                       Ms=moments(op, s_n, dense), Mu=moments(op, u_n, dense), origin=origin)
     return nb, s_n, u_n
