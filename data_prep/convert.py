@@ -30,7 +30,7 @@ import os
 import shutil
 from collections.abc import Iterator
 from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -55,6 +55,7 @@ from fm.data.vocab import GeneVocab
 from fm.data.writer import shard_name, write_manifest
 from fm.progress import progress_bar
 from fm.velocity.neighbours import NORMALIZATIONS, NeighbourConfig
+from fm.velocity.teachers import METHODS, TeacherConfig
 
 __all__ = ["ConversionError", "FilterConfig", "TargetConfig", "convert", "add_parser"]
 
@@ -154,6 +155,7 @@ class _Job:
     overwrite: bool
     progress: bool
     neighbours: NeighbourConfig
+    velocity_teacher: TeacherConfig | None
 
 
 def convert(
@@ -171,6 +173,7 @@ def convert(
     overwrite: bool = False,
     progress: bool = True,
     neighbours: NeighbourConfig = NeighbourConfig(),  # noqa: B008 (frozen)
+    velocity_teacher: str | TeacherConfig | None = None,
 ) -> Manifest:
     """Convert ``inputs`` into the corpus folder ``out`` and return its manifest.
 
@@ -189,6 +192,9 @@ def convert(
         progress: show rich progress bars.
         neighbours: each dataset's neighbourhood, whose moments are stored as ``Ms``/``Mu``
             (``NeighbourConfig(n_neighbours=0)``: none).
+        velocity_teacher: a teacher (fm.velocity.teachers: ``steady_state``, ``stochastic``, ``dynamical``) whose
+            velocity on each dataset's moments becomes the ``velocity`` target, in place of any velocity layer of
+            the inputs (NaN at genes it could not fit or flags as no velocity gene).
     Raises:
         ConversionError: bad input, naming the file and the field; nothing is left half-written.
     """
@@ -204,8 +210,18 @@ def convert(
         raise ValueError(f"convert: {len(paths)} inputs but {len(dataset_ids)} dataset ids")
     if len(set(dataset_ids)) != len(dataset_ids):
         raise ConversionError(f"duplicate dataset ids {dataset_ids}; give distinct ones (--dataset-id)")
+    if isinstance(velocity_teacher, str):
+        velocity_teacher = TeacherConfig(method=velocity_teacher)
+    if velocity_teacher is not None and not neighbours.enabled:
+        raise ConversionError("a velocity teacher works on moments; it needs neighbours (--neighbours >= 1)")
     given_vocab = GeneVocab.load(vocab) if vocab is not None else None
     inspected = [inspect_input(p, d, targets) for p, d in zip(paths, dataset_ids, strict=True)]
+    if velocity_teacher is not None:  # the teacher's velocity replaces the inputs' own velocity layers
+        for k, (ds, ids, syms) in enumerate(inspected):
+            if ds.velocity is not None or ds.velocity_u is not None:
+                log.warning("%s: its velocity layers are not stored; the %s teacher writes the velocity target",
+                            ds.path, velocity_teacher.method)
+            inspected[k] = (replace(ds, velocity=None, velocity_u=None), ids, syms)
     datasets = [ds for ds, _, _ in inspected]
     settings = {
         "filters": asdict(filters),
@@ -214,6 +230,7 @@ def convert(
         "record_batch_size": record_batch_size,
         "allow_non_integer": allow_non_integer,
         "neighbours": neighbours.to_dict(),
+        "velocity_teacher": velocity_teacher.to_dict() if velocity_teacher is not None else None,
     }
     settings_hash = _settings_hash(datasets, settings)
     out = Path(out)
@@ -227,7 +244,7 @@ def convert(
                 return done
             return _convert_locked(
                 _Job(paths, out, datasets, inspected, given_vocab, filters, settings_hash, workers, shard_size,
-                     record_batch_size, allow_non_integer, overwrite, progress, neighbours)
+                     record_batch_size, allow_non_integer, overwrite, progress, neighbours, velocity_teacher)
             )
     except ConversionError:
         if created:  # bad input into a new folder: leave nothing behind (an interrupted run keeps its shards)
@@ -306,7 +323,8 @@ def _convert_locked(job: _Job) -> Manifest:
         moment_files: list[list[str]] = [[] for _ in job.datasets]
         if job.neighbours.enabled:  # between the passes: each dataset's graph and moments, one file per shard
             nb_dir = job.out / NEIGHBOURHOOD_DIR
-            nb_tasks = [(ds, cells, genes, job.neighbours, chunk, job.shard_size, str(nb_dir / str(k)))
+            nb_tasks = [(ds, cells, genes, job.neighbours, chunk, job.shard_size, str(nb_dir / str(k)),
+                         job.velocity_teacher)
                         for k, (ds, cells, genes) in enumerate(zip(job.datasets, kept_cells, stored_genes,
                                                                    strict=True))]
             tid = bar.add_task("neighbourhoods", total=sum(len(c) for c in kept_cells))
@@ -357,8 +375,10 @@ def _convert_locked(job: _Job) -> Manifest:
                         "unmatched_genes": mapping.unmatched[:100],
                         "settings_hash": job.settings_hash,
                         "allow_non_integer": job.allow_non_integer,
+                        "velocity_teacher": job.velocity_teacher.method if job.velocity_teacher else "none",
                     },
-                    targets=ds.targets + ([keys.MS, keys.MU] if job.neighbours.enabled else []),
+                    targets=ds.targets + ([keys.VELOCITY] if job.velocity_teacher is not None else [])
+                    + ([keys.MS, keys.MU] if job.neighbours.enabled else []),
                     neighbourhood=job.neighbours.to_dict() if job.neighbours.enabled else {},
                 )
             )
@@ -427,6 +447,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--pcs", type=int, default=nb.n_pcs, help=f"principal components of the kNN graph ({nb.n_pcs})")
     p.add_argument("--normalization", choices=NORMALIZATIONS, default=nb.normalization,
                    help="normalisation of the moments, as the tokenizer's data.normalization (default total)")
+    p.add_argument("--velocity-teacher", choices=METHODS, default=None,
+                   help="write this teacher's velocity (fm velocity --method) as the velocity target (default: none; "
+                        "a velocity layer of the input is stored as it is)")
     for f in fields(FilterConfig):
         p.add_argument("--" + f.name.replace("_", "-"), type=float, default=f.default, help="filter (default 0)")
     t = TargetConfig()
@@ -466,6 +489,7 @@ def _main(args: argparse.Namespace) -> int:
             overwrite=args.overwrite,
             progress=not args.no_progress,
             neighbours=NeighbourConfig(n_neighbours=args.neighbours, n_pcs=args.pcs, normalization=args.normalization),
+            velocity_teacher=args.velocity_teacher,
         )
     except (ConversionError, CorpusError) as e:
         log.error("%s", e)

@@ -33,6 +33,7 @@ from data_prep.sources import ConversionError, open_source
 from data_prep.targets import DatasetSpec
 from fm import keys
 from fm.velocity.neighbours import NeighbourConfig, NeighbourhoodError, neighbourhood
+from fm.velocity.teachers import TeacherConfig, TeacherError, run_teacher
 
 log = logging.getLogger(__name__)
 
@@ -41,11 +42,13 @@ NEIGHBOURHOOD_DIR = ".neighbourhoods"
 
 @dataclass
 class DatasetMoments:
-    """One dataset's moments: the cells that have counts (source rows) and their moments [N, G] (CSR, stored units)."""
+    """One dataset's moments: the cells that have counts (source rows) and their moments [N, G] (CSR, stored units),
+    and a teacher's velocity on the moments' pattern (NaN at genes it could not fit or flags as no velocity gene)."""
 
     cells: np.ndarray  # sorted source rows of the cells kept (a subset of the filters' cells)
     Ms: sp.csr_matrix
     Mu: sp.csr_matrix
+    velocity: sp.csr_matrix | None = None
 
 
 def _read_rows(path: str, layer: str, rows: np.ndarray, genes: np.ndarray, chunk: int) -> sp.csr_matrix:
@@ -74,8 +77,10 @@ def _size_factors(ds: DatasetSpec, rows: np.ndarray) -> np.ndarray | None:
 
 
 def dataset_moments(ds: DatasetSpec, cells: np.ndarray, genes: np.ndarray, cfg: NeighbourConfig,
-                    chunk: int) -> DatasetMoments:
-    """The neighbourhood moments of one dataset's kept ``cells`` over its stored ``genes`` (source columns)."""
+                    chunk: int, teacher: TeacherConfig | None = None) -> DatasetMoments:
+    """The neighbourhood moments of one dataset's kept ``cells`` over its stored ``genes`` (source columns), and with
+    ``teacher`` its velocity (fm.velocity.teachers) in the units of the moments the teacher saw (normalised counts,
+    ``target_sum`` per library under ``total``)."""
     s = _read_rows(ds.path, keys.LAYER_SPLICED, cells, genes, chunk)
     u = _read_rows(ds.path, keys.LAYER_UNSPLICED, cells, genes, chunk)
     has = np.asarray(s.sum(1)).ravel() + np.asarray(u.sum(1)).ravel() > 0
@@ -85,42 +90,59 @@ def dataset_moments(ds: DatasetSpec, cells: np.ndarray, genes: np.ndarray, cfg: 
     if cfg.normalization == "size_factor" and size_factor is None:
         raise ConversionError(f"{ds.path}: --normalization size_factor needs --size-factor-key (an obs column)")
     try:
-        nb, _, _ = neighbourhood(s, u, cfg, size_factor, where=str(ds.path), dense=False)
+        nb, s_n, u_n = neighbourhood(s, u, cfg, size_factor, where=str(ds.path), dense=False)
     except NeighbourhoodError as e:
         raise ConversionError(str(e)) from e
+    velocity = None
+    if teacher is not None:
+        with open_source(ds.path) as src:
+            names = [src.symbols[g] for g in genes]
+        try:
+            r = run_teacher(teacher, nb, s_n, u_n, cfg, genes=names, where=str(ds.path))
+        except TeacherError as e:
+            raise ConversionError(str(e)) from e
+        pattern = sp.csr_matrix(nb.Ms + nb.Mu)  # a cell's own counts are in its moments: a superset of its genes
+        pattern.sort_indices()
+        v = np.where(r.velocity_genes[None, :], r.velocity, np.nan).astype(np.float32)
+        rows = np.repeat(np.arange(pattern.shape[0]), np.diff(pattern.indptr))
+        velocity = sp.csr_matrix((v[rows, pattern.indices], pattern.indices, pattern.indptr), shape=pattern.shape)
+        log.info("%s: %s teacher, %d of %d genes with velocity", ds.dataset_id, teacher.method,
+                 int(r.velocity_genes.sum()), len(genes))
     Ms, Mu = nb.Ms, nb.Mu
     if cfg.normalization == "total":  # stored as fractions of the library: the tokenizer applies its own target_sum
         Ms, Mu = Ms / np.float32(cfg.target_sum), Mu / np.float32(cfg.target_sum)
     log.info("%s: neighbourhood of %d cells (%d neighbours, %d PCs); %.1f genes with a moment per cell (%.1f counted)",
              ds.dataset_id, len(cells), cfg.n_neighbours, nb.X_pca.shape[1], Ms.getnnz() / max(len(cells), 1),
              s.getnnz() / max(len(cells), 1))
-    return DatasetMoments(cells, sp.csr_matrix(Ms, dtype=np.float32), sp.csr_matrix(Mu, dtype=np.float32))
+    return DatasetMoments(cells, sp.csr_matrix(Ms, dtype=np.float32), sp.csr_matrix(Mu, dtype=np.float32), velocity)
 
 
 def save_shard_moments(moments: DatasetMoments, start: int, stop: int, path: Path) -> None:
     """Rows ``[start, stop)`` of a dataset's moments into one file for one shard (``Ms`` and ``Mu`` stacked)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    both = sp.vstack([moments.Ms[start:stop], moments.Mu[start:stop]], format="csr")
+    parts = [moments.Ms, moments.Mu] + ([moments.velocity] if moments.velocity is not None else [])
+    both = sp.vstack([m[start:stop] for m in parts], format="csr")
     with open(tmp, "wb") as f:
         sp.save_npz(f, both, compressed=False)
     tmp.replace(path)
 
 
-def load_shard_moments(path: str | Path) -> tuple[sp.csr_matrix, sp.csr_matrix]:
-    """(Ms, Mu) [rows, G] of one shard, as ``save_shard_moments`` wrote them."""
+def load_shard_moments(path: str | Path, rows: int) -> tuple[sp.csr_matrix, sp.csr_matrix, sp.csr_matrix | None]:
+    """(Ms, Mu, teacher velocity or None) [rows, G] of one shard, as ``save_shard_moments`` wrote them."""
     both = sp.load_npz(path).tocsr()
-    n = both.shape[0] // 2
-    return both[:n], both[n:]
+    velocity = both[2 * rows:] if both.shape[0] > 2 * rows else None
+    return both[:rows], both[rows:2 * rows], velocity
 
 
 def write_dataset_moments(ds: DatasetSpec, cells: np.ndarray, genes: np.ndarray, cfg: NeighbourConfig, chunk: int,
-                          shard_size: int, folder: str, on_chunk=None) -> tuple[np.ndarray, list[str]]:
-    """One dataset's moments, cut into one file per shard of ``shard_size`` cells under ``folder``.
+                          shard_size: int, folder: str, teacher: TeacherConfig | None = None,
+                          on_chunk=None) -> tuple[np.ndarray, list[str]]:
+    """One dataset's moments (and teacher velocity), cut into one file per shard of ``shard_size`` cells.
 
     Returns the cells kept (those with counts) and the files, in shard order (a task of `data_prep.convert`).
     """
-    m = dataset_moments(ds, cells, genes, cfg, chunk)
+    m = dataset_moments(ds, cells, genes, cfg, chunk, teacher)
     files = []
     for k, a in enumerate(range(0, len(m.cells), shard_size)):
         path = Path(folder) / f"{k:05d}.npz"

@@ -60,11 +60,13 @@ def _obs_floats(src: Source, name: str, a: int, b: int, sel: np.ndarray) -> pa.A
 
 
 def _build_table(src: Source, t: ShardTask, a: int, b: int, sel: np.ndarray,
-                 moments: tuple[sp.csr_matrix, sp.csr_matrix] | None = None) -> tuple[pa.Table, int]:
+                 moments: tuple[sp.csr_matrix, sp.csr_matrix] | None = None,
+                 teacher: sp.csr_matrix | None = None) -> tuple[pa.Table, int]:
     """The corpus rows of source rows ``a + sel`` (sel sorted, relative to a); returns (table, cells dropped).
 
-    ``moments``: (Ms, Mu) of these rows. A gene is stored where s + u > 0 or, with moments, Ms + Mu > 0: a gene the
-    cell did not detect but its neighbours did has counts 0 and its moments (docs/FORMAT.md).
+    ``moments``: (Ms, Mu) of these rows; ``teacher``: a velocity teacher's output for them (the velocity column).
+    A gene is stored where s + u > 0 or, with moments, Ms + Mu > 0: a gene the cell did not detect but its
+    neighbours did has counts 0 and its moments (docs/FORMAT.md).
     """
     ds = t.dataset
 
@@ -89,8 +91,10 @@ def _build_table(src: Source, t: ShardTask, a: int, b: int, sel: np.ndarray,
     if moments is not None:
         cols[keys.MS] = _list_array(indptr, ms_val, pa.float32())
         cols[keys.MU] = _list_array(indptr, mu_val, pa.float32())
+    if teacher is not None:  # stored on the moments' pattern, which holds every stored gene (NaN: no velocity)
+        cols[keys.VELOCITY] = _list_array(indptr, values_at(c, teacher[keep]), pa.float32())
     for attr, col in (("velocity", keys.VELOCITY), ("velocity_u", keys.VELOCITY_U)):
-        if getattr(ds, attr) is not None:
+        if getattr(ds, attr) is not None and col not in cols:
             dense = src.read_dense(getattr(ds, attr), a, b)
             if dense is not None:  # gather directly; a dense layer as CSR would cost more than the gather
                 values = dense[sel][keep][:, t.genes][rows, c.indices].astype(np.float32)
@@ -109,14 +113,15 @@ def _build_table(src: Source, t: ShardTask, a: int, b: int, sel: np.ndarray,
 def write_shard_task(t: ShardTask, on_chunk: Callable[[int], None] | None = None) -> tuple[ShardInfo, int]:
     """Write one shard; returns its manifest entry and the number of cells dropped for having no stored gene."""
     tables, dropped = [], 0
-    ms, mu = load_shard_moments(t.moments) if t.moments is not None else (None, None)
+    ms, mu, teacher = load_shard_moments(t.moments, len(t.rows)) if t.moments is not None else (None, None, None)
     with open_source(t.dataset.path) as src:
         i = 0
         while i < len(t.rows):
             a = int(t.rows[i])
             b = min(a + t.record_batch_size, int(t.rows[-1]) + 1)
             j = int(np.searchsorted(t.rows, b))
-            table, n = _build_table(src, t, a, b, t.rows[i:j] - a, None if ms is None else (ms[i:j], mu[i:j]))
+            table, n = _build_table(src, t, a, b, t.rows[i:j] - a, None if ms is None else (ms[i:j], mu[i:j]),
+                                    None if teacher is None else teacher[i:j])
             tables.append(table)
             dropped += n
             if on_chunk is not None:

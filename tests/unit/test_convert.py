@@ -413,3 +413,39 @@ def test_bad_input_keeps_an_existing_corpus(tmp_path, tiny_h5ad, tiny_adata):
     with pytest.raises(ConversionError):
         convert([path], out, overwrite=True, neighbours=TINY_NEIGHBOURS, progress=False)
     assert _mtimes(out) == before and os.path.exists(out / MANIFEST_NAME)
+
+
+@pytest.mark.parametrize("method", ["steady_state", "stochastic"])
+def test_velocity_teacher_writes_the_velocity_target(tmp_path, sim_h5ad, method):
+    """`--velocity-teacher`: the teacher's velocity on the dataset's moments (fm velocity's, computed here from the
+    file) is the velocity column at every stored gene, NaN where it has no velocity gene; the file's own
+    velocity layer is not stored."""
+    from fm.velocity.teachers import TeacherConfig, run_teacher
+
+    out = tmp_path / "c"
+    assert fm_main(["prep", "convert", str(sim_h5ad), "--out", str(out), "--velocity-teacher", method,
+                    "--no-progress"]) == 0
+    manifest = load_manifest(out)
+    (ds,) = manifest.datasets
+    assert ds.targets.count(keys.VELOCITY) == 1 and keys.VELOCITY_U not in ds.targets
+    assert ds.filters["velocity_teacher"] == method
+    adata = ad.read_h5ad(sim_h5ad)
+    table = read_corpus(out)
+    rows = np.array([adata.obs_names.get_loc(c) for c in table.column(keys.CELL_ID).to_pylist()])
+    cfg = NeighbourConfig(**ds.neighbourhood)
+    nb, s_n, u_n = neighbourhood(adata.layers[keys.LAYER_SPLICED][rows], adata.layers[keys.LAYER_UNSPLICED][rows], cfg)
+    r = run_teacher(TeacherConfig(method=method), nb, s_n, u_n, cfg)
+    want = np.where(r.velocity_genes, r.velocity, np.nan)
+    got = _dense(table, keys.VELOCITY, manifest.n_genes)  # NaN where not stored, as the teacher's NaN genes
+    stored = ~np.isnan(_dense(table, keys.SPLICED, manifest.n_genes))
+    vocab = GeneVocab.load(out / "vocab.tsv")
+    cols = vocab.map_genes(adata.var[keys.VAR_GENE_ID].tolist(), adata.var_names.tolist())[0]
+    want_v = np.full_like(got, np.nan)
+    want_v[:, cols] = want
+    assert 0 < r.velocity_genes.sum() < len(r.velocity_genes) or r.velocity_genes.all()
+    np.testing.assert_array_equal(np.isnan(got[stored]), np.isnan(want_v[stored]))
+    ok = stored & ~np.isnan(want_v)
+    np.testing.assert_allclose(got[ok], want_v[ok], rtol=1e-5, atol=1e-6 * np.nanmax(np.abs(want)))
+    with pytest.raises(ConversionError, match="needs neighbours"):
+        convert([sim_h5ad], tmp_path / "d", neighbours=NeighbourConfig(n_neighbours=0), velocity_teacher=method,
+                progress=False)
