@@ -4,6 +4,11 @@
     fm evaluate sim.h5ad --checkpoint releases/fm-velocity --checkpoint releases/fm-expression --hold-out 0.1
     fm evaluate pancreas_pred.h5ad --transitions "Ductal>Ngn3 low EP; Ngn3 low EP>Ngn3 high EP" --basis X_umap
     fm evaluate pancreas_pred.h5ad --transitions pancreas        # the preset: Ductal -> ... -> Alpha/Beta/Delta/Epsilon
+    fm evaluate sim_fm.h5ad sim_stochastic.h5ad --name fm --name teacher   # side by side: one column per file
+
+Several inputs (outputs of `fm predict` and `fm velocity` on the same cells, say) are scored by the same code and
+shown side by side, one column each; each file's ``layers['velocity']`` is scored against its truth layer, so a
+simulated file's truth is in every column's row.
 
 What is scored depends on what the file holds (DESIGN.md §8); a section whose inputs are absent is skipped, and
 the reason is recorded under ``skipped``:
@@ -284,24 +289,71 @@ def write_json(result: dict[str, Any], path: str | os.PathLike) -> Path:
     return path
 
 
+def print_comparison(results: dict[str, dict[str, Any]]) -> None:
+    """One table, a column per input: the rows any of them has (blank where one lacks it)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    rows: dict[tuple[str, str], dict[str, str]] = {}
+    for name, result in results.items():
+        for section, metric, value in _rows(result):
+            rows.setdefault((section, metric), {})[name] = value
+    n_cells = {r["n_cells"] for r in results.values()}
+    table = Table(title=f"{len(results)} inputs, {'/'.join(map(str, sorted(n_cells)))} cells")
+    table.add_column("section")
+    table.add_column("metric", overflow="fold")
+    for name in results:
+        table.add_column(name, justify="right")
+    for (section, metric), values in rows.items():
+        table.add_row(section, metric, *(values.get(name, "") for name in results))
+    console = Console()
+    console.print(table)
+    for name, result in results.items():
+        for section, why in result["skipped"].items():
+            console.print(f"[dim]{name}: skipped {section}: {why}[/]")
+
+
+def input_names(paths: Sequence[Path], names: Sequence[str] | None) -> list[str]:
+    """Column names: ``--name`` per input, else the file stems (made unique)."""
+    if names:
+        if len(names) != len(paths):
+            raise ValueError(f"--name: {len(names)} names for {len(paths)} inputs (one per input)")
+        if len(set(names)) != len(names):
+            raise ValueError(f"--name: the names must differ, got {list(names)}")
+        return list(names)
+    stems = [p.stem for p in paths]
+    return [s if stems.count(s) == 1 else f"{s}[{i}]" for i, s in enumerate(stems)]
+
+
 def run_cli(args: argparse.Namespace) -> int:
     import anndata as ad
 
     from fm.checkpoint import load_pretrained
 
-    path = Path(args.input)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such .h5ad file")
+    paths = [Path(p) for p in args.input]
+    for path in paths:
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no such .h5ad file")
     if args.hold_out and not args.checkpoint:
         raise ValueError("--hold-out needs --checkpoint (the model must predict the hidden counts)")
+    if args.checkpoint and len(paths) > 1:
+        raise ValueError("--checkpoint takes one input; to compare files, run fm predict on each first")
+    names = input_names(paths, args.name)
     models = [load_pretrained(c, device=args.device) for c in args.checkpoint] if args.checkpoint else None
-    adata = ad.read_h5ad(path)
-    result = evaluate(adata, models=models, truth_layer=args.truth_layer, cluster_key=args.clusters,
-                      transitions=parse_transitions(args.transitions) if args.transitions else None,
-                      basis=args.basis, hold_out=args.hold_out, seed=args.seed, batch_size=args.batch_size)
-    result["input"], result["checkpoints"] = str(path), list(args.checkpoint or [])
-    print_table(result, path.name)
-    out = write_json(result, args.out or path.with_suffix(".metrics.json"))
+    transitions = parse_transitions(args.transitions) if args.transitions else None
+    results = {}
+    for name, path in zip(names, paths, strict=True):
+        result = evaluate(ad.read_h5ad(path), models=models, truth_layer=args.truth_layer, cluster_key=args.clusters,
+                          transitions=transitions, basis=args.basis, hold_out=args.hold_out, seed=args.seed,
+                          batch_size=args.batch_size)
+        result["input"], result["checkpoints"] = str(path), list(args.checkpoint or [])
+        results[name] = result
+    if len(paths) == 1:
+        print_table(results[names[0]], paths[0].name)
+        out = write_json(results[names[0]], args.out or paths[0].with_suffix(".metrics.json"))
+    else:
+        print_comparison(results)
+        out = write_json({"compare": results}, args.out or paths[0].with_suffix(".compare.json"))
     print(f"metrics written to {out}")
     return 0
 
@@ -310,9 +362,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p = subparsers.add_parser("evaluate", help="score predictions (velocity vs truth, CBDir/ICCoh, embedding, "
                               "imputation): a table and a JSON file", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("input", metavar="H5AD", help="output of fm predict, or with --checkpoint the raw input")
+    p.add_argument("input", metavar="H5AD", nargs="+",
+                   help="output of fm predict or fm velocity (several: side by side), or with --checkpoint the raw "
+                   "input")
+    p.add_argument("--name", action="append", help="column name of each input, in order (default: the file stems)")
     p.add_argument("--checkpoint", action="append", help="release folder(s) to run first (repeatable)")
-    p.add_argument("--out", help="JSON file (default: INPUT with suffix .metrics.json)")
+    p.add_argument("--out", help="JSON file (default: INPUT with suffix .metrics.json; several inputs: the first's "
+                   "with .compare.json)")
     p.add_argument("--truth-layer", help=f"true velocity layer (default: {keys.LAYER_VELOCITY_TRUE} when present)")
     p.add_argument("--clusters", default=keys.OBS_CLUSTERS, help="obs column of cell types (default: clusters)")
     p.add_argument("--transitions", help=f"known transitions for CBDir, 'A>B; B>C,D', or a preset "

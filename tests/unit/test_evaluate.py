@@ -127,3 +127,26 @@ def test_pancreas_preset_scores_the_steady_state_baseline():
     result = evaluate(adata, transitions=parse_transitions("pancreas"))["transitions"]
     assert len(result["cbdir"]) == 7 and all(np.isfinite(v) for v in result["cbdir"].values())
     assert -1 <= result["cbdir_mean"] <= 1 and set(result["iccoh"]) == set(adata.obs["clusters"])
+
+
+def test_several_inputs_are_scored_side_by_side(sim, tmp_path, capsys, monkeypatch):
+    """Truth, a teacher and its reverse in one table: a column each, the same rows, scored by the same code."""
+    monkeypatch.setenv("COLUMNS", "200")  # rich folds long metric names on a narrow terminal
+    rng = np.random.default_rng(0)
+    truth = sim.layers[keys.LAYER_VELOCITY_TRUE]
+    files = {"truth": truth, "noisy": truth + rng.normal(0, 2 * truth.std(), truth.shape), "reverse": -truth}
+    paths = []
+    for name, v in files.items():
+        paths.append(tmp_path / f"{name}.h5ad")
+        with_velocity(sim, v).write_h5ad(paths[-1])
+    out = tmp_path / "compare.json"
+    args = ["evaluate", *map(str, paths), "--name", "T", "--name", "N", "--name", "R", "--out", str(out),
+            "--transitions", "root>lineage_a", "--clusters", keys.OBS_LINEAGE]
+    assert main(args) == 0
+    table = capsys.readouterr().out
+    assert all(name in table for name in "TNR") and "median_gene_spearman" in table
+    got = json.loads(out.read_text())["compare"]
+    rho = {k: got[k]["velocity"]["median_gene_spearman"] for k in "TNR"}
+    assert rho["T"] == pytest.approx(1.0) and rho["R"] == pytest.approx(-1.0) and rho["R"] < rho["N"] < rho["T"]
+    assert got["T"]["transitions"]["cbdir_mean"] > 0 > got["R"]["transitions"]["cbdir_mean"]
+    assert main(["evaluate", *map(str, paths), "--name", "only-one"]) == 2  # a name per input
