@@ -2,27 +2,32 @@
 
     fm prep convert sim.h5ad --out corpus/                       # 30 neighbours on 30 PCs (the defaults)
     fm prep convert sim.h5ad --out corpus/ --neighbours 0        # no neighbourhood: the Ms/Mu columns stay null
+    fm prep convert pancreas.h5ad --out corpus/ --velocity-teacher stochastic   # and a teacher's velocity target
 
-For one dataset, the kept cells and stored genes are read in row chunks, normalised as the corpus records
-(`fm.velocity.neighbours`: the tokenizer's rule), and the graph and first-order moments are computed over the whole
-dataset. The moments are then cut into one file per shard (``CORPUS/.neighbourhoods/part-NNNNN.npz``, CSR), so a
-shard task loads only its own rows; the files go once the manifest is written.
+Per dataset, in bounded memory:
+1. the kept cells and stored genes are read in row chunks, normalised as the corpus records (fm.velocity.neighbours:
+   the tokenizer's rule) and appended to an on-disk CSR store (``CORPUS/.neighbourhoods/<k>/``); a cell without any
+   count over the stored genes is not stored (as without neighbourhoods) and takes no part in the graph;
+2. the PCA (IncrementalPCA, a batch of cells at a time), the kNN graph and the moments operator (cells x cells,
+   ~45 entries a row) are computed; only the components and the graph are in memory;
+3. the moments are computed a block of cells at a time in reverse Cuthill-McKee order of the graph, so a block's
+   neighbours are mostly in the blocks around it: the rows a block reads from the store stay few (the ratio of rows
+   read to rows computed is logged). They go to a second store, from which each shard's rows are cut into one file
+   per shard (``part-NNNNN.npz``), so a shard task loads only its rows. The folder goes once the manifest is written.
 
-Stored units: under ``total`` the moments are fractions of the cell's library (counts / library size, the tokenizer
+Memory is bounded by a batch of cells, the graph and the PCA, not by the dataset's counts (measured in
+docs/BENCHMARKS.md, "convert"); a velocity teacher (``--velocity-teacher``) works on the whole dataset's moments in
+memory.
+
+Stored units: under ``total`` the moments are fractions of the cell's library (counts / library size; the tokenizer
 multiplies by its ``target_sum``), under ``size_factor`` counts / factor, under ``none`` counts (docs/FORMAT.md).
-Cells without any count over the stored genes are not stored (as without neighbourhoods) and take no part in the
-graph: they have no position in expression space.
 
-Memory: the dataset's kept counts (CSR) and moments are held at once, so peak memory follows the largest dataset's
-stored entries, not the corpus (docs/BENCHMARKS.md, "Conversion with neighbourhoods").
-
-Shapes: N cells of the dataset (kept), G stored genes.
+Shapes: N cells of the dataset (with counts), G stored genes.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -32,42 +37,83 @@ import scipy.sparse as sp
 from data_prep.sources import ConversionError, open_source
 from data_prep.targets import DatasetSpec
 from fm import keys
-from fm.velocity.neighbours import NeighbourConfig, NeighbourhoodError, neighbourhood
+from fm.data.tokenize import ranges
+from fm.velocity.neighbours import (
+    NeighbourConfig,
+    NeighbourhoodError,
+    build_graph,
+    moments,
+    moments_of_cells,
+    normalisation_scales,
+    scale_rows,
+)
 from fm.velocity.teachers import TeacherConfig, TeacherError, run_teacher
 
 log = logging.getLogger(__name__)
 
 NEIGHBOURHOOD_DIR = ".neighbourhoods"
+MOMENT_BLOCK = 1024  # cells whose moments are computed together (their neighbours' rows are read once per block)
 
 
-@dataclass
-class DatasetMoments:
-    """One dataset's moments: the cells that have counts (source rows) and their moments [N, G] (CSR, stored units),
-    and a teacher's velocity on the moments' pattern (NaN at genes it could not fit or flags as no velocity gene)."""
+class DiskRows:
+    """Rows of two CSR matrices (spliced, unspliced) appended to files, read back through memory maps opened per read,
+    so the pages a read touches do not stay counted in the process's memory. ``indptr`` stays in memory (8 bytes a
+    row)."""
 
-    cells: np.ndarray  # sorted source rows of the cells kept (a subset of the filters' cells)
-    Ms: sp.csr_matrix
-    Mu: sp.csr_matrix
-    velocity: sp.csr_matrix | None = None
+    def __init__(self, folder: Path, name: str, n_genes: int):
+        self.folder, self.name, self.n_genes = Path(folder), name, n_genes
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.indptr = [np.zeros(1, np.int64), np.zeros(1, np.int64)]
+        self._files = [{k: open(self._path(m, k), "wb") for k in ("indices", "data")} for m in range(2)]
+
+    def _path(self, m: int, kind: str) -> Path:
+        return self.folder / f"{self.name}.{m}.{kind}"
+
+    def append(self, *pair: sp.csr_matrix) -> None:
+        for m, x in enumerate(pair):
+            x = sp.csr_matrix(x, dtype=np.float32)
+            x.sort_indices()
+            self._files[m]["indices"].write(x.indices.astype(np.int32).tobytes())
+            self._files[m]["data"].write(x.data.astype(np.float32).tobytes())
+            self.indptr[m] = np.concatenate([self.indptr[m], self.indptr[m][-1] + x.indptr[1:]])
+
+    def close(self) -> DiskRows:
+        for files in self._files:
+            for f in files.values():
+                f.close()
+        return self
+
+    @property
+    def n_cells(self) -> int:
+        return len(self.indptr[0]) - 1
+
+    def _read(self, m: int, starts: np.ndarray, lens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        total = int(self.indptr[m][-1])
+        if total == 0 or lens.sum() == 0:
+            return np.zeros(0, np.int32), np.zeros(0, np.float32)
+        pos = ranges(starts, lens)
+        idx = np.memmap(self._path(m, "indices"), np.int32, "r", shape=(total,))
+        val = np.memmap(self._path(m, "data"), np.float32, "r", shape=(total,))
+        out = np.array(idx[pos]), np.array(val[pos])
+        del idx, val  # unmapped: the pages read leave this process's memory
+        return out
+
+    def take(self, cells: np.ndarray) -> tuple[sp.csr_matrix, sp.csr_matrix]:
+        out = []
+        for m in range(2):
+            starts, lens = self.indptr[m][cells], np.diff(self.indptr[m])[cells]
+            indices, data = self._read(m, starts, lens)
+            indptr = np.concatenate([[0], np.cumsum(lens)])
+            out.append(sp.csr_matrix((data, indices, indptr), shape=(len(cells), self.n_genes)))
+        return out[0], out[1]
+
+    def rows(self, a: int, b: int) -> tuple[sp.csr_matrix, sp.csr_matrix]:
+        return self.take(np.arange(a, b))
 
 
-def _read_rows(path: str, layer: str, rows: np.ndarray, genes: np.ndarray, chunk: int) -> sp.csr_matrix:
-    """Source rows ``rows`` (sorted) and columns ``genes`` of ``layer``, read ``chunk`` source rows at a time."""
-    parts = []
-    with open_source(path) as src:
-        i = 0
-        while i < len(rows):
-            a = int(rows[i])
-            b = min(a + chunk, int(rows[-1]) + 1)
-            j = int(np.searchsorted(rows, b))
-            parts.append(sp.csr_matrix(src.read_layer(layer, a, b)[rows[i:j] - a][:, genes], dtype=np.float32))
-            i = j
-    return sp.vstack(parts, format="csr") if parts else sp.csr_matrix((0, len(genes)), dtype=np.float32)
-
-
-def _size_factors(ds: DatasetSpec, rows: np.ndarray) -> np.ndarray | None:
+def _size_factors(ds: DatasetSpec, rows: np.ndarray) -> np.ndarray:
     if ds.size_factor is None:
-        return None
+        raise ConversionError(f"{ds.path}: --normalization size_factor needs --size-factor-key (an obs column)")
     with open_source(ds.path) as src:
         v = src.read_obs(ds.size_factor, 0, src.n_cells)[rows]
         try:
@@ -76,78 +122,116 @@ def _size_factors(ds: DatasetSpec, rows: np.ndarray) -> np.ndarray | None:
             raise ConversionError(f"{ds.path}: {src.obs_field(ds.size_factor)} is not numeric ({e})") from e
 
 
-def dataset_moments(ds: DatasetSpec, cells: np.ndarray, genes: np.ndarray, cfg: NeighbourConfig,
-                    chunk: int, teacher: TeacherConfig | None = None) -> DatasetMoments:
-    """The neighbourhood moments of one dataset's kept ``cells`` over its stored ``genes`` (source columns), and with
-    ``teacher`` its velocity (fm.velocity.teachers) in the units of the moments the teacher saw (normalised counts,
-    ``target_sum`` per library under ``total``)."""
-    s = _read_rows(ds.path, keys.LAYER_SPLICED, cells, genes, chunk)
-    u = _read_rows(ds.path, keys.LAYER_UNSPLICED, cells, genes, chunk)
-    has = np.asarray(s.sum(1)).ravel() + np.asarray(u.sum(1)).ravel() > 0
-    if not has.all():
-        cells, s, u = cells[has], s[has], u[has]
+def normalised_store(ds: DatasetSpec, cells: np.ndarray, genes: np.ndarray, cfg: NeighbourConfig, chunk: int,
+                     folder: Path) -> tuple[np.ndarray, DiskRows]:
+    """Read the kept ``cells`` (sorted source rows) over the stored ``genes`` in chunks, normalise them and store the
+    cells with counts; returns those cells (source rows) and the store."""
+    store = DiskRows(folder, "counts", len(genes))
     size_factor = _size_factors(ds, cells) if cfg.normalization == "size_factor" else None
-    if cfg.normalization == "size_factor" and size_factor is None:
-        raise ConversionError(f"{ds.path}: --normalization size_factor needs --size-factor-key (an obs column)")
-    try:
-        nb, s_n, u_n = neighbourhood(s, u, cfg, size_factor, where=str(ds.path), dense=False)
-    except NeighbourhoodError as e:
-        raise ConversionError(str(e)) from e
-    velocity = None
-    if teacher is not None:
-        with open_source(ds.path) as src:
-            names = [src.symbols[g] for g in genes]
-        try:
-            r = run_teacher(teacher, nb, s_n, u_n, cfg, genes=names, where=str(ds.path))
-        except TeacherError as e:
-            raise ConversionError(str(e)) from e
-        pattern = sp.csr_matrix(nb.Ms + nb.Mu)  # a cell's own counts are in its moments: a superset of its genes
-        pattern.sort_indices()
-        v = np.where(r.velocity_genes[None, :], r.velocity, np.nan).astype(np.float32)
-        rows = np.repeat(np.arange(pattern.shape[0]), np.diff(pattern.indptr))
-        velocity = sp.csr_matrix((v[rows, pattern.indices], pattern.indices, pattern.indptr), shape=pattern.shape)
-        log.info("%s: %s teacher, %d of %d genes with velocity", ds.dataset_id, teacher.method,
-                 int(r.velocity_genes.sum()), len(genes))
-    Ms, Mu = nb.Ms, nb.Mu
-    if cfg.normalization == "total":  # stored as fractions of the library: the tokenizer applies its own target_sum
-        Ms, Mu = Ms / np.float32(cfg.target_sum), Mu / np.float32(cfg.target_sum)
-    log.info("%s: neighbourhood of %d cells (%d neighbours, %d PCs); %.1f genes with a moment per cell (%.1f counted)",
-             ds.dataset_id, len(cells), cfg.n_neighbours, nb.X_pca.shape[1], Ms.getnnz() / max(len(cells), 1),
-             s.getnnz() / max(len(cells), 1))
-    return DatasetMoments(cells, sp.csr_matrix(Ms, dtype=np.float32), sp.csr_matrix(Mu, dtype=np.float32), velocity)
-
-
-def save_shard_moments(moments: DatasetMoments, start: int, stop: int, path: Path) -> None:
-    """Rows ``[start, stop)`` of a dataset's moments into one file for one shard (``Ms`` and ``Mu`` stacked)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    parts = [moments.Ms, moments.Mu] + ([moments.velocity] if moments.velocity is not None else [])
-    both = sp.vstack([m[start:stop] for m in parts], format="csr")
-    with open(tmp, "wb") as f:
-        sp.save_npz(f, both, compressed=False)
-    tmp.replace(path)
-
-
-def load_shard_moments(path: str | Path, rows: int) -> tuple[sp.csr_matrix, sp.csr_matrix, sp.csr_matrix | None]:
-    """(Ms, Mu, teacher velocity or None) [rows, G] of one shard, as ``save_shard_moments`` wrote them."""
-    both = sp.load_npz(path).tocsr()
-    velocity = both[2 * rows:] if both.shape[0] > 2 * rows else None
-    return both[:rows], both[rows:2 * rows], velocity
+    kept = []
+    with open_source(ds.path) as src:
+        i = 0
+        while i < len(cells):
+            a = int(cells[i])
+            b = min(a + chunk, int(cells[-1]) + 1)
+            j = int(np.searchsorted(cells, b))
+            s, u = (sp.csr_matrix(src.read_layer(layer, a, b)[cells[i:j] - a][:, genes], dtype=np.float64)
+                    for layer in (keys.LAYER_SPLICED, keys.LAYER_UNSPLICED))
+            lib_s, lib_u = np.asarray(s.sum(1)).ravel(), np.asarray(u.sum(1)).ravel()
+            has = lib_s + lib_u > 0
+            sf = None if size_factor is None else size_factor[i:j][has]
+            try:
+                scale = normalisation_scales(lib_s[has], lib_u[has], sf, cfg, str(ds.path))
+            except NeighbourhoodError as e:
+                raise ConversionError(str(e)) from e
+            store.append(scale_rows(s[has], scale[0]), scale_rows(u[has], scale[1]))
+            kept.append(cells[i:j][has])
+            i = j
+    return (np.concatenate(kept) if kept else np.zeros(0, np.int64)), store.close()
 
 
 def write_dataset_moments(ds: DatasetSpec, cells: np.ndarray, genes: np.ndarray, cfg: NeighbourConfig, chunk: int,
                           shard_size: int, folder: str, teacher: TeacherConfig | None = None,
                           on_chunk=None) -> tuple[np.ndarray, list[str]]:
-    """One dataset's moments (and teacher velocity), cut into one file per shard of ``shard_size`` cells.
-
-    Returns the cells kept (those with counts) and the files, in shard order (a task of `data_prep.convert`).
-    """
-    m = dataset_moments(ds, cells, genes, cfg, chunk, teacher)
+    """One dataset's moments (and a teacher's velocity), one file per shard of ``shard_size`` cells under ``folder``
+    (a task of `data_prep.convert`). Returns the cells kept (those with counts, source rows) and the files."""
+    folder = Path(folder)
+    cells, counts = normalised_store(ds, cells, genes, cfg, chunk, folder)
+    try:
+        graph = build_graph(counts, cfg, where=str(ds.path))
+    except NeighbourhoodError as e:
+        raise ConversionError(str(e)) from e
+    op = graph.operator
+    velocity = None if teacher is None else _teacher_velocity(ds, genes, graph, counts, cfg, teacher)
+    # moments in bandwidth order: a block of cells reads its neighbours' rows, mostly the same few blocks
+    order = sp.csgraph.reverse_cuthill_mckee(sp.csr_matrix(op + op.T), symmetric_mode=True)
+    position = np.empty(len(order), np.int64)
+    store = DiskRows(folder, "moments", len(genes))
+    read = 0
+    for a in range(0, len(order), MOMENT_BLOCK):
+        block = np.sort(order[a: a + MOMENT_BLOCK])
+        position[block] = np.arange(a, a + len(block))
+        ms, mu, n_read = moments_of_cells(op, counts, block)
+        store.append(ms, mu)
+        read += n_read
+    store.close()
+    scale = np.float32(1.0 / cfg.target_sum) if cfg.normalization == "total" else np.float32(1.0)
     files = []
-    for k, a in enumerate(range(0, len(m.cells), shard_size)):
-        path = Path(folder) / f"{k:05d}.npz"
-        save_shard_moments(m, a, min(a + shard_size, len(m.cells)), path)
+    for k, a in enumerate(range(0, len(cells), shard_size)):
+        b = min(a + shard_size, len(cells))
+        pos = position[a:b]
+        sort = np.argsort(pos)
+        ms, mu = store.take(pos[sort])
+        back = np.argsort(sort)  # the shard's cells in source order
+        parts = [ms[back] * scale, mu[back] * scale]  # stored as fractions of the library under `total`
+        if velocity is not None:
+            parts.append(velocity[a:b])
+        path = folder / f"{k:05d}.npz"
+        _save_npz(sp.vstack(parts, format="csr"), path)
         files.append(str(path))
+    n = max(len(cells), 1)
+    log.info("%s: neighbourhood of %d cells (%d neighbours, %d PCs); %.1f genes with a moment per cell (%.1f "
+             "counted); moments read %.2f rows per cell computed", ds.dataset_id, len(cells), cfg.n_neighbours,
+             graph.X_pca.shape[1], store.indptr[0][-1] / n, counts.indptr[0][-1] / n, read / n)
+    for p in folder.glob("counts.*"):
+        p.unlink()
+    for p in folder.glob("moments.*"):
+        p.unlink()
     if on_chunk is not None:
         on_chunk(len(cells))
-    return m.cells, files
+    return cells, files
+
+
+def _teacher_velocity(ds: DatasetSpec, genes: np.ndarray, graph, counts: DiskRows, cfg: NeighbourConfig,
+                      teacher: TeacherConfig) -> sp.csr_matrix:
+    """The teacher's velocity [N, G] on the moments' pattern (NaN at genes it has no velocity for); the whole
+    dataset's moments are in memory here."""
+    s_n, u_n = counts.rows(0, counts.n_cells)
+    graph.Ms, graph.Mu = moments(graph.operator, s_n, dense=False), moments(graph.operator, u_n, dense=False)
+    with open_source(ds.path) as src:
+        names = [src.symbols[g] for g in genes]
+    try:
+        r = run_teacher(teacher, graph, s_n, u_n, cfg, genes=names, where=str(ds.path))
+    except TeacherError as e:
+        raise ConversionError(str(e)) from e
+    pattern = sp.csr_matrix(graph.Ms + graph.Mu)  # a cell's own counts are in its moments: every stored gene
+    pattern.sort_indices()
+    v = np.where(r.velocity_genes[None, :], r.velocity, np.nan).astype(np.float32)
+    rows = np.repeat(np.arange(pattern.shape[0]), np.diff(pattern.indptr))
+    log.info("%s: %s teacher, %d of %d genes with velocity", ds.dataset_id, teacher.method,
+             int(r.velocity_genes.sum()), len(genes))
+    return sp.csr_matrix((v[rows, pattern.indices], pattern.indices, pattern.indptr), shape=pattern.shape)
+
+
+def _save_npz(x: sp.csr_matrix, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        sp.save_npz(f, x, compressed=False)
+    tmp.replace(path)
+
+
+def load_shard_moments(path: str | Path, rows: int) -> tuple[sp.csr_matrix, sp.csr_matrix, sp.csr_matrix | None]:
+    """(Ms, Mu, teacher velocity or None) [rows, G] of one shard, as ``write_dataset_moments`` wrote them."""
+    both = sp.load_npz(path).tocsr()
+    velocity = both[2 * rows:] if both.shape[0] > 2 * rows else None
+    return both[:rows], both[rows:2 * rows], velocity

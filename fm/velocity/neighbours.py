@@ -6,8 +6,9 @@
 
 The steps are the field's: counts normalised per cell (``total``: each modality by its own library size, times
 ``target_sum``, as the tokenizer does; ``size_factor``: divided by a given factor; ``none``), log1p of the normalised
-spliced counts, PCA (scanpy, ``n_pcs`` components), a kNN graph on it (scanpy: UMAP connectivities over
-``n_neighbours`` neighbours, exact below 4,096 cells, pynndescent above). The moments are scVelo's ``pp.moments``:
+spliced counts, PCA (scikit-learn's IncrementalPCA over batches of 4,096 cells, so conversion holds one batch, not
+the dataset; ``n_pcs`` components), a kNN graph on it (scanpy: UMAP connectivities over ``n_neighbours`` neighbours,
+exact below 4,096 cells, pynndescent above). The moments are scVelo's ``pp.moments``:
 the connectivities binarised, self included, each row divided by its count, times the normalised (not logged)
 counts. The second-order moments (``Mss`` = moments of s*s, ``Mus`` of u*s) are those scVelo's stochastic mode uses.
 
@@ -21,6 +22,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import asdict, dataclass
+from typing import Protocol
 
 import numpy as np
 import scipy.sparse as sp
@@ -38,7 +40,7 @@ class NeighbourConfig:
     n_pcs: int = 30  # principal components of log1p(normalised spliced) the kNN graph is built on
     normalization: str = "total"  # total (each modality by its library size) | size_factor | none
     target_sum: float = 1e4  # library size after `total` normalisation (the tokenizer's default)
-    seed: int = 0  # PCA and approximate-kNN seed
+    seed: int = 0  # seed of the approximate kNN search (pynndescent, above 4,096 cells)
 
     def __post_init__(self):
         for name in ("n_neighbours", "n_pcs"):
@@ -112,34 +114,80 @@ def scale_rows(x_NG: sp.spmatrix, scale_N: np.ndarray) -> sp.csr_matrix:
     return sp.csr_matrix(sp.diags(scale_N) @ sp.csr_matrix(x_NG, dtype=np.float64), dtype=np.float32)
 
 
-def pca(log_spliced_NG: sp.csr_matrix, n_pcs: int, seed: int = 0, where: str = "") -> tuple[np.ndarray, np.ndarray]:
-    """PCA of log1p(normalised spliced) by scanpy (arpack, implicitly centred for sparse input).
+PCA_ROWS = 4096  # cells per IncrementalPCA batch: every path batches a dataset's cells alike, so one file gives one PCA
 
-    Returns the cells' components [N, P] and where a cell without counts (all-zero expression) projects [P].
+
+class CountRows(Protocol):
+    """A dataset's normalised counts, read by rows: in memory (:class:`InMemoryCounts`) or on disk (conversion)."""
+
+    n_cells: int
+    n_genes: int
+
+    def rows(self, a: int, b: int) -> tuple[sp.csr_matrix, sp.csr_matrix]:
+        """Normalised (spliced, unspliced) of cells ``[a, b)``, float32 CSR."""
+
+    def take(self, idx: np.ndarray) -> tuple[sp.csr_matrix, sp.csr_matrix]:
+        """Normalised (spliced, unspliced) of cells ``idx`` (sorted, unique), float32 CSR."""
+
+
+@dataclass
+class InMemoryCounts:
+    """Normalised counts held in memory (a user's AnnData in fm predict and fm velocity)."""
+
+    spliced: sp.csr_matrix  # [N, G] float32
+    unspliced: sp.csr_matrix
+
+    @property
+    def n_cells(self) -> int:
+        return self.spliced.shape[0]
+
+    @property
+    def n_genes(self) -> int:
+        return self.spliced.shape[1]
+
+    def rows(self, a: int, b: int) -> tuple[sp.csr_matrix, sp.csr_matrix]:
+        return self.spliced[a:b], self.unspliced[a:b]
+
+    def take(self, idx: np.ndarray) -> tuple[sp.csr_matrix, sp.csr_matrix]:
+        return self.spliced[idx], self.unspliced[idx]
+
+
+def batch_bounds(n: int, rows: int, min_rows: int) -> list[tuple[int, int]]:
+    """``[a, b)`` batches of ``rows`` cells; a last batch shorter than ``min_rows`` joins the one before it."""
+    bounds = [(a, min(a + rows, n)) for a in range(0, n, rows)]
+    if len(bounds) > 1 and bounds[-1][1] - bounds[-1][0] < min_rows:
+        bounds[-2:] = [(bounds[-2][0], n)]
+    return bounds
+
+
+def pca(counts: CountRows, n_pcs: int, where: str = "") -> tuple[np.ndarray, np.ndarray]:
+    """PCA of log1p(normalised spliced) by scikit-learn's IncrementalPCA over batches of :data:`PCA_ROWS` cells,
+    so memory is one batch (dense, cells x genes), not the dataset.
+
+    Returns the cells' components [N, P] (float32) and where a cell without counts (zero expression) projects [P].
     """
-    import anndata as ad
-    import scanpy as sc
+    from sklearn.decomposition import IncrementalPCA
 
-    N, G = log_spliced_NG.shape
+    N, G = counts.n_cells, counts.n_genes
     n_comps = min(n_pcs, N - 1, G - 1)
     if n_comps < 1:
         raise NeighbourhoodError(f"{where}: PCA needs at least 2 cells and 2 genes, got {N} cells x {G} genes")
-    var = np.asarray(log_spliced_NG.power(2).mean(0)).ravel() - np.asarray(log_spliced_NG.mean(0)).ravel() ** 2
-    if not np.any(var > 0):
-        raise NeighbourhoodError(
-            f"{where}: PCA cannot be computed: no gene varies across the {N} cells "
-            "(all-zero or constant spliced counts)"
-        )
     if n_comps < n_pcs:
         log.warning("%s: %d principal components instead of n_pcs=%d (only %d cells x %d genes)",
                     where, n_comps, n_pcs, N, G)
-    a = ad.AnnData(X=log_spliced_NG)
-    sc.pp.pca(a, n_comps=n_comps, zero_center=True, random_state=seed)
-    X = np.asarray(a.obsm["X_pca"], np.float32)
+    bounds = batch_bounds(N, max(PCA_ROWS, n_comps), n_comps)
+    ipca = IncrementalPCA(n_components=n_comps)
+    for a, b in bounds:
+        ipca.partial_fit(counts.rows(a, b)[0].log1p().toarray())
+    if not np.any(ipca.var_ > 0):
+        raise NeighbourhoodError(
+            f"{where}: PCA cannot be computed: no gene varies across the {N} cells (all-zero or constant spliced "
+            "counts)"
+        )
+    X = np.concatenate([ipca.transform(counts.rows(a, b)[0].log1p().toarray()) for a, b in bounds])
     if not np.isfinite(X).all():
         raise NeighbourhoodError(f"{where}: PCA gave non-finite components")
-    origin = -(np.asarray(log_spliced_NG.mean(0)).ravel() @ np.asarray(a.varm["PCs"]))
-    return X, origin.astype(np.float32)
+    return X.astype(np.float32), ipca.transform(np.zeros((1, G)))[0].astype(np.float32)
 
 
 def knn_graph(
@@ -213,6 +261,17 @@ def moments(operator_NN: sp.csr_matrix, x_NG: sp.spmatrix | np.ndarray, dense: b
     return np.asarray(out.toarray() if sp.issparse(out) else out, np.float32)
 
 
+def moments_of_cells(operator_NN: sp.csr_matrix, counts: CountRows, cells: np.ndarray
+                     ) -> tuple[sp.csr_matrix, sp.csr_matrix, int]:
+    """(Ms, Mu) [len(cells), G] of ``cells`` (sorted), reading only their neighbours' rows of ``counts`` (bounded
+    memory when it is on disk), and how many rows that read; equal to those rows of :func:`moments`."""
+    op = sp.csr_matrix(operator_NN[cells])
+    needed = np.unique(op.indices)
+    op = sp.csr_matrix((op.data, np.searchsorted(needed, op.indices), op.indptr), shape=(len(cells), len(needed)))
+    s_n, u_n = counts.take(needed)
+    return moments(op, s_n, dense=False), moments(op, u_n, dense=False), len(needed)
+
+
 def second_order_moments(
     operator_NN: sp.csr_matrix, s_NG: sp.spmatrix, u_NG: sp.spmatrix
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -239,9 +298,18 @@ def neighbourhood(
     lib_u = np.asarray(u.sum(1), np.float64).ravel()
     scale_2N = normalisation_scales(lib_s, lib_u, size_factor_N, cfg, where)
     s_n, u_n = scale_rows(s, scale_2N[0]), scale_rows(u, scale_2N[1])
-    X_pca, origin = pca(s_n.log1p(), cfg.n_pcs, cfg.seed, where)
-    distances, connectivities = knn_graph(X_pca, cfg.n_neighbours, cfg.seed, where)
-    op = moments_operator(connectivities)
-    nb = Neighbourhood(X_pca=X_pca, distances=distances, connectivities=connectivities, operator=op,
-                       Ms=moments(op, s_n, dense), Mu=moments(op, u_n, dense), origin=origin)
+    graph = build_graph(InMemoryCounts(s_n, u_n), cfg, where)
+    op = graph.operator
+    nb = Neighbourhood(X_pca=graph.X_pca, distances=graph.distances, connectivities=graph.connectivities, operator=op,
+                       Ms=moments(op, s_n, dense), Mu=moments(op, u_n, dense), origin=graph.origin)
     return nb, s_n, u_n
+
+
+def build_graph(counts: CountRows, cfg: NeighbourConfig, where: str = "") -> Neighbourhood:
+    """PCA, kNN graph and moments operator of a dataset's normalised counts; the moments are left to the caller
+    (:func:`moments`, or :func:`moments_of_rows` a block of cells at a time), so they are empty here."""
+    X_pca, origin = pca(counts, cfg.n_pcs, where)
+    distances, connectivities = knn_graph(X_pca, cfg.n_neighbours, cfg.seed, where)
+    empty = sp.csr_matrix((counts.n_cells, counts.n_genes), dtype=np.float32)
+    return Neighbourhood(X_pca=X_pca, distances=distances, connectivities=connectivities,
+                         operator=moments_operator(connectivities), Ms=empty, Mu=empty, origin=origin)
