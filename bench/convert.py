@@ -1,7 +1,8 @@
-"""Benchmark the converter: cells/s and peak memory (RSS of the process tree) on simulated files of two sizes.
+"""Benchmark the converter: cells/s and peak memory (RSS of the process tree) on simulated files of two sizes, with
+and without neighbourhoods (moments over 30 neighbours on 30 PCs), in one run.
 
-    python bench/convert.py                                   # 50k and 200k cells x 2,000 genes; a few minutes
-    python bench/convert.py --cells 20000 5000 --genes 500    # a quick one
+    python bench/convert.py --cells 100000 400000 --genes 1000   # the figures in docs/BENCHMARKS.md; ~30 minutes
+    python bench/convert.py --cells 20000 5000 --genes 500       # a quick one
 
 Simulated inputs are cached in --work (default /tmp/fm-bench). Each conversion runs in its own process, sampled
 with psutil every 50 ms; peak memory is the largest sum of RSS over it and its workers. Peak memory not growing
@@ -30,8 +31,8 @@ from bench.report import record  # noqa: E402
 
 INTRO = """`python bench/convert.py`: simulated .h5ad (bifurcation) -> corpus.
 
-| date | machine | genes | workers | cells | seconds | cells/s | peak RSS (MiB) |
-|---|---|---|---|---|---|---|---|"""
+| date | machine | genes | workers | cells | neighbours | seconds | cells/s | peak RSS (MiB) |
+|---|---|---|---|---|---|---|---|---|"""
 
 
 def simulate_file(path: Path, n_cells: int, n_genes: int) -> Path:
@@ -70,31 +71,37 @@ def main() -> int:
     p.add_argument("--cells", type=int, nargs="+", default=[50_000, 200_000])
     p.add_argument("--genes", type=int, default=2000)
     p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--neighbours", type=int, nargs="+", default=[0, 30],
+                   help="neighbours per cell for the moments, one conversion each (0: none)")
     p.add_argument("--work", type=Path, default=Path("/tmp/fm-bench"))
     p.add_argument("--no-record", action="store_true", help="do not append to docs/BENCHMARKS.md")
     args = p.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     machine = f"{platform.machine()} {platform.processor() or platform.system()}, {os.cpu_count()} CPUs"
-    results = []
     for n in args.cells:
         src = simulate_file(args.work / f"sim_{n}x{args.genes}.h5ad", n, args.genes)
-        out = args.work / f"corpus_{n}"
-        shutil.rmtree(out, ignore_errors=True)
-        cmd = [sys.executable, "-m", "data_prep.convert", str(src), "--out", str(out), "--workers", str(args.workers)]
-        cmd.append("--no-progress")
-        seconds, peak = measure(cmd)
-        size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
-        print(f"{n:>9,} cells: {seconds:7.1f} s, {n / seconds:9,.0f} cells/s, peak RSS {peak:7.0f} MiB, "
-              f"input {src.stat().st_size / 2**20:,.0f} MiB, corpus {size / 2**20:,.0f} MiB")  # fmt: skip
-        results.append((n, seconds, peak))
-        if not args.no_record:
-            today = dt.date.today().isoformat()
-            record(
-                "convert",
-                f"| {today} | {machine} | {args.genes} | {args.workers} | {n:,} | {seconds:.1f} | {n / seconds:,.0f} "
-                f"| {peak:.0f} |",
-                intro=INTRO,
-            )
+        base = None
+        for k in args.neighbours:
+            out = args.work / f"corpus_{n}_{k}"
+            shutil.rmtree(out, ignore_errors=True)
+            cmd = [sys.executable, "-m", "data_prep.convert", str(src), "--out", str(out), "--workers",
+                   str(args.workers), "--neighbours", str(k), "--no-progress"]
+            seconds, peak = measure(cmd)
+            size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+            base = seconds if k == 0 else base
+            ratio = f", {seconds / base:.2f}x the time without" if base and k else ""
+            print(f"{n:>9,} cells, {k:>2} neighbours: {seconds:7.1f} s, {n / seconds:9,.0f} cells/s, peak RSS "
+                  f"{peak:7.0f} MiB, input {src.stat().st_size / 2**20:,.0f} MiB, corpus {size / 2**20:,.0f} MiB"
+                  f"{ratio}")  # fmt: skip
+            shutil.rmtree(out, ignore_errors=True)
+            if not args.no_record:
+                today = dt.date.today().isoformat()
+                record(
+                    "convert",
+                    f"| {today} | {machine} | {args.genes} | {args.workers} | {n:,} | {k} | {seconds:.1f} "
+                    f"| {n / seconds:,.0f} | {peak:.0f} |",
+                    intro=INTRO,
+                )
     return 0
 
 
