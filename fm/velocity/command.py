@@ -8,8 +8,9 @@
 The input needs raw counts in ``layers['spliced']`` and ``layers['unspliced']`` (non-integer layers are refused
 unless ``--allow-non-integer``). The neighbourhood is fm's (fm.velocity.neighbours: normalisation, log1p, PCA, kNN
 graph, first-order moments), the teacher fm.velocity.teachers' (``steady_state`` and ``stochastic`` equal scVelo's
-``tl.velocity`` modes; ``dynamical`` is scVelo's own fit). The output is the input with, in scVelo's and scanpy's
-names (so ``scv.tl.velocity_graph`` and the rest of scVelo run on it directly):
+``tl.velocity`` modes; ``dynamical`` is scVelo's own fit; ``fm_dynamical`` fm's, fm.velocity.dynamical). The
+output is the input with, in scVelo's and scanpy's names (so ``scv.tl.velocity_graph`` and the rest of scVelo run on
+it directly; ``fm_dynamical`` also writes ``obs['latent_time']``, ``var['fit_*']``, ``layers['velocity_confidence']``):
 
 - ``layers['velocity']`` (ds/dt, in the units of ``Ms``), ``layers['velocity_u']`` (du/dt; dynamical only),
   ``layers['Ms']``, ``layers['Mu']`` (first-order moments of the normalised counts); NaN at genes the teacher
@@ -70,16 +71,24 @@ def size_factors(adata, cfg: NeighbourConfig, key: str, source: str) -> np.ndarr
     return adata.obs[key].to_numpy(np.float64)
 
 
-def output_fields(has_velocity_u: bool) -> dict[str, list[str]]:
+FM_DYNAMICAL_FIELDS = {"obs": ["latent_time"], "layers": ["velocity_confidence"],
+                       "var": ["fit_alpha", "fit_alpha_off", "fit_beta", "fit_gamma", "fit_t0", "fit_t_", "fit_r2"]}
+
+
+def output_fields(has_velocity_u: bool, method: str = "") -> dict[str, list[str]]:
     """The fields ``fm velocity`` writes, by AnnData attribute."""
     layers = [keys.LAYER_VELOCITY] + ([keys.LAYER_VELOCITY_U] if has_velocity_u else []) + [LAYER_MS, LAYER_MU]
-    return {"layers": layers, "var": [keys.VAR_VELOCITY_GENES, VAR_GAMMA, VAR_R2], "obsm": [OBSM_PCA],
-            "obsp": list(OBSP_GRAPH), "uns": [UNS_NEIGHBORS, keys.UNS_FM]}
+    out = {"layers": layers, "var": [keys.VAR_VELOCITY_GENES, VAR_GAMMA, VAR_R2], "obsm": [OBSM_PCA],
+           "obsp": list(OBSP_GRAPH), "uns": [UNS_NEIGHBORS, keys.UNS_FM], "obs": []}
+    if method == "fm_dynamical":
+        for attr, names in FM_DYNAMICAL_FIELDS.items():
+            out[attr] = out[attr] + names
+    return out
 
 
 def _present(adata, fields: dict[str, list[str]]) -> list[str]:
     have = {"layers": adata.layers, "var": adata.var.columns, "obsm": adata.obsm, "obsp": adata.obsp,
-            "uns": adata.uns}
+            "uns": adata.uns, "obs": adata.obs.columns}
     return [f"{attr}['{k}']" for attr, names in fields.items() for k in names if k in have[attr]]
 
 
@@ -90,7 +99,7 @@ def velocity(adata, tcfg: TeacherConfig, ncfg: NeighbourConfig, *, size_factor_k
 
     if not ncfg.enabled:
         raise ValueError(f"{source}: --neighbours must be >= 1 (velocity teachers work on neighbourhood moments)")
-    clash = _present(adata, output_fields(tcfg.method == "dynamical"))
+    clash = _present(adata, output_fields(tcfg.method in ("dynamical", "fm_dynamical"), tcfg.method))
     if clash and not overwrite:
         raise ValueError(f"{source}: already holds {', '.join(clash)}; pass --overwrite to replace them in the copy")
     s, u = read_velocity_counts(adata, source, allow_non_integer)
@@ -102,6 +111,12 @@ def velocity(adata, tcfg: TeacherConfig, ncfg: NeighbourConfig, *, size_factor_k
     adata.layers[LAYER_MS], adata.layers[LAYER_MU] = nb.Ms, nb.Mu
     adata.var[keys.VAR_VELOCITY_GENES] = r.velocity_genes
     adata.var[VAR_GAMMA], adata.var[VAR_R2] = r.gamma, r.r2
+    for name, x in r.obs.items():  # fm_dynamical: latent time, fitted rates, confidence (scVelo's names)
+        adata.obs[name] = x
+    for name, x in r.var.items():
+        adata.var[name] = x
+    for name, x in r.layers.items():
+        adata.layers[name] = x
     adata.obsm[OBSM_PCA] = nb.X_pca
     adata.obsp["distances"], adata.obsp["connectivities"] = nb.distances, nb.connectivities
     adata.uns[UNS_NEIGHBORS] = scanpy_neighbors_uns(ncfg)
@@ -152,7 +167,8 @@ def run(args: argparse.Namespace) -> int:
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     d = NeighbourConfig()
     p = subparsers.add_parser(
-        "velocity", help="a velocity teacher (steady_state, stochastic, dynamical) written into a copy of a .h5ad",
+        "velocity", help="a velocity teacher (steady_state, stochastic, dynamical, fm_dynamical) written into a "
+        "copy of a .h5ad",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("input", metavar="INPUT.h5ad", help="raw counts in layers spliced and unspliced")

@@ -20,6 +20,9 @@ defaults, computed here for all genes at once (no per-gene loop), so that they e
   deviation; the other genes keep the steady-state gamma.
 - dynamical: scVelo's own ``tl.recover_dynamics`` then ``tl.velocity(mode='dynamical')`` on an AnnData carrying the
   same normalised layers, moments and graph (needs scVelo: ``pip install "fm[velocity]"``).
+- fm_dynamical: fm's own dynamical model (fm.velocity.dynamical: one cell clock shared by all genes, fitted with
+  torch on all steady-state velocity genes at once); also writes ``obs['latent_time']``, scVelo's ``var['fit_*']``
+  rates and ``layers['velocity_confidence']``.
 
 A gene a teacher cannot fit (non-finite or all-zero moments, detected in fewer than ``min_cells`` cells, no spliced
 signal where gamma is fitted, or not fitted by scVelo's dynamical model) is NaN in ``velocity``, False in
@@ -42,7 +45,7 @@ from fm.velocity.neighbours import NeighbourConfig, Neighbourhood, moments, seco
 
 log = logging.getLogger(__name__)
 
-METHODS = ("steady_state", "stochastic", "dynamical")
+METHODS = ("steady_state", "stochastic", "dynamical", "fm_dynamical")
 BLOCK_ELEMENTS = 1 << 24  # cells x genes per block of a fit
 SCVELO_EXTRA = 'scVelo is needed for --method dynamical: pip install "fm[velocity]" (or pip install scvelo)'
 
@@ -51,7 +54,7 @@ SCVELO_EXTRA = 'scVelo is needed for --method dynamical: pip install "fm[velocit
 class TeacherConfig:
     """Which teacher and its settings (scVelo's defaults); recorded in ``uns['fm']`` and corpora."""
 
-    method: str = "stochastic"  # steady_state | stochastic | dynamical
+    method: str = "stochastic"  # steady_state | stochastic | dynamical | fm_dynamical
     perc: float = 95.0  # extreme-quantile percentile of the gamma fit (scVelo perc=[5, 95] without offset)
     min_r2: float = 0.01  # velocity genes: r2 of the steady-state fit above this
     min_ratio: float = 0.01  # velocity genes: steady-state gamma above this
@@ -95,6 +98,10 @@ class TeacherResult:
     r2: np.ndarray  # [G] float32, r2 of the steady-state fit (scVelo's var['velocity_r2'] / fit_r2)
     velocity_genes: np.ndarray  # [G] bool, scVelo's var['velocity_genes']
     unfit: dict[int, str] = field(default_factory=dict)  # gene index -> why it has no velocity
+    # further outputs in scVelo's names (fm_dynamical: latent_time; fit_alpha, ...; velocity_confidence), NaN at unfit
+    obs: dict[str, np.ndarray] = field(default_factory=dict)  # name -> [N]
+    var: dict[str, np.ndarray] = field(default_factory=dict)  # name -> [G]
+    layers: dict[str, np.ndarray] = field(default_factory=dict)  # name -> [N, G]
 
 
 # --- shared pieces ---------------------------------------------------------------------------------------------------
@@ -349,6 +356,60 @@ def dynamical(spliced_NG: sp.spmatrix, unspliced_NG: sp.spmatrix, nb: Neighbourh
                          unfit=dict(sorted(unfit.items())))
 
 
+# --- fm's dynamical model (fm.velocity.dynamical) ---------------------------------------------------------------
+def fm_dynamical(nb: Neighbourhood, cfg: TeacherConfig | None = None, genes: Sequence[str] | None = None,
+                 where: str = "") -> TeacherResult:
+    """fm's dynamical model on the steady-state velocity genes (scVelo's dynamical teacher fits the same genes).
+
+    Velocity genes: fitted genes whose fit explains more than ``min_r2`` of the scaled (Mu, Ms) variance.
+    """
+    from fm.velocity.dynamical import DynamicalConfig, fit_dynamics  # torch: imported only when this teacher runs
+
+    cfg = cfg or TeacherConfig("fm_dynamical")
+    Ms, Mu = _check_moments(nb.Ms, nb.Mu, where)
+    N, G = Ms.shape
+    gamma_G, r2_G, vgenes, unfit = _steady_state_fit(Ms, Mu, cfg)
+    fit = vgenes.copy()
+    fit[list(unfit)] = False
+    if cfg.n_top_genes is not None and fit.sum() > cfg.n_top_genes:
+        fit[np.flatnonzero(fit)[np.argsort(-r2_G[fit], kind="stable")[cfg.n_top_genes:]]] = False
+    idx = np.flatnonzero(fit)
+    if idx.size == 0:
+        raise TeacherError(f"{where}: no gene passes the steady-state velocity-gene selection; the dynamical model "
+                           "has nothing to fit")
+    for g in np.flatnonzero(~fit):
+        unfit.setdefault(int(g), "not a steady-state velocity gene (the dynamical model fits those)"
+                         if not vgenes[g] else f"not among the n_top_genes={cfg.n_top_genes} by r2")
+    f = fit_dynamics(_block(Ms, idx), _block(Mu, idx), gamma_G[idx], nb.connectivities,
+                     DynamicalConfig(rounds=cfg.max_iter))
+    bad = ~np.isfinite(f.velocity).all(0) | ~np.isfinite(f.gamma)
+    for g in idx[bad]:
+        unfit[int(g)] = "the dynamical fit diverged (non-finite rates or velocity)"
+
+    def full(x_G, dtype=np.float32):
+        out = np.full(G, np.nan, dtype)
+        out[idx] = x_G
+        out[idx[bad]] = np.nan
+        return out
+
+    def full_NG(x_NG):
+        out = np.full((N, G), np.nan, np.float32)
+        out[:, idx[~bad]] = x_NG[:, ~bad]
+        return out
+
+    vg = np.zeros(G, bool)
+    vg[idx] = (f.r2 > cfg.min_r2) & ~bad
+    report_unfit(unfit, G, "fm_dynamical", genes, where)
+    return TeacherResult(
+        method="fm_dynamical", velocity=full_NG(f.velocity), velocity_u=full_NG(f.velocity_u),
+        gamma=full(f.gamma), r2=np.where(np.isin(np.arange(G), list(unfit)), np.nan, r2_G).astype(np.float32),
+        velocity_genes=vg, unfit=dict(sorted(unfit.items())),
+        obs={"latent_time": f.latent_time.astype(np.float32)},
+        var={"fit_alpha": full(f.alpha), "fit_alpha_off": full(f.alpha_off), "fit_beta": full(f.beta),
+             "fit_gamma": full(f.gamma), "fit_t0": full(f.t0), "fit_t_": full(f.t_switch), "fit_r2": full(f.r2)},
+        layers={"velocity_confidence": full_NG(f.confidence)})
+
+
 # --- one entry point for conversion and the command --------------------------------------------------------------
 def _run_steady_state(cfg, nb, s, u, ncfg, genes, where):
     return steady_state(nb.Ms, nb.Mu, cfg, genes, where)
@@ -368,8 +429,13 @@ def _run_dynamical(cfg, nb, s, u, ncfg, genes, where):
     return dynamical(s, u, nb, ncfg, cfg, genes, where)
 
 
+def _run_fm_dynamical(cfg, nb, s, u, ncfg, genes, where):
+    return fm_dynamical(nb, cfg, genes, where)
+
+
 TEACHERS: dict[str, Callable[..., TeacherResult]] = {
     "steady_state": _run_steady_state, "stochastic": _run_stochastic, "dynamical": _run_dynamical,
+    "fm_dynamical": _run_fm_dynamical,
 }
 
 
