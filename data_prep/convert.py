@@ -250,6 +250,8 @@ def convert(
         if created:  # bad input into a new folder: leave nothing behind (an interrupted run keeps its shards)
             shutil.rmtree(out, ignore_errors=True)
         raise
+    finally:  # the neighbourhoods' working files (each run computes them anew)
+        shutil.rmtree(out / NEIGHBOURHOOD_DIR, ignore_errors=True)
 
 
 def _up_to_date(out: Path, settings_hash: str) -> Manifest | None:
@@ -411,7 +413,6 @@ def _convert_locked(job: _Job) -> Manifest:
     for info in infos:
         info.n_cells_out = sum(s.n_cells for s in shards if s.dataset_id == info.dataset_id)
     manifest = write_manifest(job.out, vocab, shards, infos, record_batch_size=job.record_batch_size)
-    shutil.rmtree(job.out / NEIGHBOURHOOD_DIR, ignore_errors=True)
     log.info("%s: %d cells, %d shards, %d genes", job.out, manifest.n_cells, len(shards), len(vocab))
     return manifest
 

@@ -449,3 +449,21 @@ def test_velocity_teacher_writes_the_velocity_target(tmp_path, sim_h5ad, method)
     with pytest.raises(ConversionError, match="needs neighbours"):
         convert([sim_h5ad], tmp_path / "d", neighbours=NeighbourConfig(n_neighbours=0), velocity_teacher=method,
                 progress=False)
+
+
+def test_a_neighbourhood_that_cannot_be_computed_is_a_clear_error_and_leaves_nothing(tmp_path, tiny_h5ad):
+    """Fewer cells than neighbours, or spliced counts that give no PCA: an error naming the file and what to change;
+    a new corpus folder is removed, an existing corpus is kept as it was."""
+    with pytest.raises(ConversionError, match=rf"{tiny_h5ad}.*fewer than n_neighbours \+ 1 = 31.*--neighbours"):
+        convert([tiny_h5ad], tmp_path / "new", progress=False)  # 11 cells with counts, 30 neighbours
+    assert not (tmp_path / "new").exists()
+    adata = make_adata(n_cells=40, n_genes=6, seed=2)
+    adata.layers[keys.LAYER_SPLICED] = sp.csr_matrix(adata.shape, dtype=np.float32)  # no spliced count: no PCA
+    adata.write_h5ad(tmp_path / "flat.h5ad")
+    good = tmp_path / "good"
+    convert([tiny_h5ad], good, neighbours=TINY_NEIGHBOURS, progress=False)
+    before = {p.name: p.read_bytes() for p in (good / "shards").iterdir()}
+    with pytest.raises(ConversionError, match="flat.h5ad.*PCA cannot be computed"):
+        convert([tmp_path / "flat.h5ad"], good, overwrite=True, neighbours=TINY_NEIGHBOURS, progress=False)
+    assert {p.name: p.read_bytes() for p in (good / "shards").iterdir()} == before
+    assert load_manifest(good).n_cells > 0 and not (good / ".neighbourhoods").exists()  # no working files left
