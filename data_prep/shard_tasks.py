@@ -65,8 +65,7 @@ def _build_table(src: Source, t: ShardTask, a: int, b: int, sel: np.ndarray,
     """The corpus rows of source rows ``a + sel`` (sel sorted, relative to a); returns (table, cells dropped).
 
     ``moments``: (Ms, Mu) of these rows; ``teacher``: a velocity teacher's output for them (the velocity column).
-    A gene is stored where s + u > 0 or, with moments, Ms + Mu > 0: a gene the cell did not detect but its
-    neighbours did has counts 0 and its moments (docs/FORMAT.md).
+    A gene is stored where s + u > 0, with its moments (fm.data.counts.stored_entries; docs/FORMAT.md).
     """
     ds = t.dataset
 
@@ -91,7 +90,7 @@ def _build_table(src: Source, t: ShardTask, a: int, b: int, sel: np.ndarray,
     if moments is not None:
         cols[keys.MS] = _list_array(indptr, ms_val, pa.float32())
         cols[keys.MU] = _list_array(indptr, mu_val, pa.float32())
-    if teacher is not None:  # stored on the moments' pattern, which holds every stored gene (NaN: no velocity)
+    if teacher is not None:  # on the moments' pattern, which holds every gene with counts (NaN: no velocity)
         cols[keys.VELOCITY] = _list_array(indptr, values_at(c, teacher[keep]), pa.float32())
     for attr, col in (("velocity", keys.VELOCITY), ("velocity_u", keys.VELOCITY_U)):
         if getattr(ds, attr) is not None and col not in cols:

@@ -104,23 +104,19 @@ def _check_batch(batch: pa.RecordBatch, where: str, n_genes: int) -> dict[str, n
         values[name] = v
     for name in (keys.VELOCITY, keys.VELOCITY_U):
         _check_list(batch, name, where, lengths)
-    moments = np.zeros_like(values[keys.SPLICED], dtype=np.float64)
+    zero = (values[keys.SPLICED] + values[keys.UNSPLICED]) == 0
+    if zero.any():
+        k = _first(zero)
+        raise _ShardError(f"{where}: row {row_of[k]} stores gene {idx[k]} with spliced + unspliced = 0")
     for name in (keys.MS, keys.MU):  # where present, a cell's moments are finite, >= 0 and aligned with its genes
         arr = _check_list(batch, name, where, lengths)
-        has = arr.is_valid().to_numpy(zero_copy_only=False)
-        if not has.any():
+        if arr.null_count == len(arr):
             continue
-        v = np.zeros(len(moments))
-        v[has[row_of]] = arr.flatten().to_numpy(zero_copy_only=False)
+        v = arr.flatten().to_numpy(zero_copy_only=False)
         bad = ~np.isfinite(v) | (v < 0)
         if bad.any():
             k = _first(bad)
-            raise _ShardError(f"{where}: field {name!r} row {row_of[k]} holds {v[k]} (moments are finite and >= 0)")
-        moments += v
-    zero = (values[keys.SPLICED] + values[keys.UNSPLICED] + moments) == 0
-    if zero.any():
-        k = _first(zero)
-        raise _ShardError(f"{where}: row {row_of[k]} stores gene {idx[k]} with spliced + unspliced = 0 and no moment")
+            raise _ShardError(f"{where}: field {name!r} holds {v[k]} (moments are finite and >= 0)")
     for name, lib in ((keys.SPLICED, keys.LIBRARY_SIZE_SPLICED), (keys.UNSPLICED, keys.LIBRARY_SIZE_UNSPLICED)):
         sums = np.bincount(row_of, values[name].astype(np.float64), len(lengths))
         got = batch.column(lib).to_numpy(zero_copy_only=False).astype(np.float64)

@@ -116,8 +116,8 @@ def map_input_genes(adata: anndata.AnnData, vocab: GeneVocab, source: str) -> Ge
 
 def cell_block(s, u, a: int, b: int, genes: GeneMap, cell_ids: Sequence[str], size_factor: np.ndarray | None,
                moments: tuple[sp.csr_matrix, sp.csr_matrix] | None = None) -> CellBlock:
-    """Cells ``a:b`` as a CellBlock over their in-vocabulary genes, stored by the corpus's rule (fm.data.counts:
-    s + u > 0, or with ``moments`` [N, M] in the corpus's units, Ms + Mu > 0)."""
+    """Cells ``a:b`` as a CellBlock over their in-vocabulary genes with s + u > 0, the corpus's rule
+    (fm.data.counts.stored_entries), with their ``moments`` [N, M] in the corpus's units when given."""
     import scipy.sparse as sp
 
     from fm.data.counts import stored_entries

@@ -204,8 +204,26 @@ def knn_graph(
             "(--neighbours K) or skip the neighbourhood (--neighbours 0)"
         )
     a = ad.AnnData(X=np.zeros((N, 0), np.float32), obsm={"X_pca": X_pca_NP})
-    sc.pp.neighbors(a, n_neighbors=n_neighbours, use_rep="X_pca", random_state=seed)
+    transformer = None if N < 8192 else _nndescent(N, n_neighbours, seed)  # scanpy: exact below 8,192 cells
+    sc.pp.neighbors(a, n_neighbors=n_neighbours, use_rep="X_pca", random_state=seed, transformer=transformer)
     return sp.csr_matrix(a.obsp["distances"]), sp.csr_matrix(a.obsp["connectivities"])
+
+
+def _nndescent(n_cells: int, n_neighbours: int, seed: int):
+    """pynndescent's transformer with the settings scanpy picks for ``n_cells`` (UMAP's), returning a scipy
+    ``csr_matrix``: scanpy 1.11 reads its result with ``getnnz(axis=1)``, which scipy's newer ``csr_array`` (what
+    pynndescent now returns) lacks, so scanpy's own choice fails above 8,191 cells."""
+    from pynndescent import PyNNDescentTransformer
+
+    class CsrNNDescent(PyNNDescentTransformer):
+        def fit_transform(self, X, y=None, **fit_params):
+            return sp.csr_matrix(super().fit_transform(X, y, **fit_params))
+
+        def transform(self, X, y=None):
+            return sp.csr_matrix(super().transform(X, y))
+
+    return CsrNNDescent(n_neighbors=n_neighbours, metric="euclidean", random_state=seed, n_jobs=-1,
+                        n_trees=min(64, 5 + round(n_cells**0.5 / 20.0)), n_iters=max(5, round(np.log2(n_cells))))
 
 
 def attach_cells_without_counts(nb: Neighbourhood, has_n: np.ndarray, N: int, n_neighbours: int) -> Neighbourhood:

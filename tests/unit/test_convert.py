@@ -74,14 +74,13 @@ def assert_matches_source(corpus: Path, adata, velocity_layer=None, velocity_u_l
     s, u = source(keys.LAYER_SPLICED, expected), source(keys.LAYER_UNSPLICED, expected)
     stored = s + u > 0
     ms_mu = expected_moments(load_manifest(corpus), s, u, np.flatnonzero(src) if genes_kept is None else None, vidx)
-    if ms_mu is not None:  # a gene a cell's neighbours detected is stored with counts 0 and its moments
-        stored |= ms_mu[0] + ms_mu[1] > 0
+    if ms_mu is not None:  # each stored gene with its moments (a gene only the neighbours detected is not stored)
         for name, want in zip((keys.MS, keys.MU), ms_mu, strict=True):
             got = _dense(table, name, len(vocab))
             assert np.isfinite(got[stored]).all() and np.isnan(got[~stored]).all(), name
             np.testing.assert_allclose(got[stored], want[stored], rtol=1e-5, atol=1e-7 * want.max(), err_msg=name)
     got_s = _dense(table, keys.SPLICED, len(vocab))
-    np.testing.assert_array_equal(~np.isnan(got_s), stored)  # exactly the genes with s + u > 0 (or a moment)
+    np.testing.assert_array_equal(~np.isnan(got_s), stored)  # exactly the genes with s + u > 0
     np.testing.assert_array_equal(got_s[stored], s[stored])
     np.testing.assert_array_equal(_dense(table, keys.UNSPLICED, len(vocab))[stored], u[stored])
     np.testing.assert_allclose(t[keys.LIBRARY_SIZE_SPLICED], s.sum(1), rtol=1e-6)
