@@ -167,11 +167,16 @@ def markdown(sim: list[dict], pancreas: list[dict], command: str, wall_s: float)
              f"{os.cpu_count()} CPUs, load {load:.1f}, torch {torch.__version__}, scVelo "
              f"{__import__('scvelo').__version__}", "", f"`{command}` ({wall_s / 60:.1f} min)", ""]
     if sim:
-        lines += ["| simulation | method | genes scored | Spearman | cosine | sign | s |",
-                  "|---|---|---|---|---|---|---|"]
-        lines += [f"| {r['data']} | {r['method']} | {r['genes']}/{r['of']} | {r['spearman']:.3f} | {r['cosine']:.3f} "
-                  f"| {r['sign']:.3f} | {r['seconds']:.1f} |" for r in sim]
-        lines += ["", "Median over the simulations:", "", "| method | Spearman | cosine | sign | s |",
+        by = {(r["data"], r["method"]): r for r in sim}
+        pair = [m for m in ("scVelo dynamical", "fm_dynamical") if any(k[1] == m for k in by)]
+        lines += ["| simulation | genes | " + " | ".join(f"{m}: Spearman / cosine / sign" for m in pair)
+                  + " | s (" + " / ".join(pair) + ") |", "|---" * (3 + len(pair)) + "|"]
+        for data in dict.fromkeys(r["data"] for r in sim):
+            rs = [by[(data, m)] for m in pair]
+            lines.append(f"| {data} | {rs[0]['genes']}/{rs[0]['of']} | " + " | ".join(
+                f"{r['spearman']:.3f} / {r['cosine']:.3f} / {r['sign']:.3f}" for r in rs)
+                + " | " + " / ".join(f"{r['seconds']:.1f}" for r in rs) + " |")
+        lines += ["", "Median over those simulations, every method:", "", "| method | Spearman | cosine | sign | s |",
                   "|---|---|---|---|---|"]
         for m in dict.fromkeys(r["method"] for r in sim):
             rs = [r for r in sim if r["method"] == m]
@@ -185,7 +190,7 @@ def markdown(sim: list[dict], pancreas: list[dict], command: str, wall_s: float)
                   f"| {r['seconds']:.1f} |" for r in pancreas]
         lines += ["", "CBDir per transition: " + "; ".join(
             f"{r['method']}: " + ", ".join(f"{a}>{b} {s:.2f}" for (a, b), s in r["edges"].items())
-            for r in pancreas)]
+            for r in pancreas if r["method"] in ("scVelo dynamical", "fm_dynamical")) + "."]
     return "\n".join(lines)
 
 

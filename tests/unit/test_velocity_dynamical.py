@@ -150,3 +150,28 @@ def test_config_names_the_field():
         DynamicalConfig(velocity_at="somewhere")
     with pytest.raises(ValueError, match="DynamicalConfig.rounds"):
         DynamicalConfig(rounds=0)
+
+
+def test_command_writes_scvelo_fields():
+    """`fm velocity --method fm_dynamical` writes velocity, velocity_u, latent time, fit_* rates and confidence."""
+    from pathlib import Path
+
+    import anndata as ad
+
+    from fm.velocity.command import velocity
+    from fm.velocity.neighbours import NeighbourConfig
+    from fm.velocity.teachers import TeacherConfig
+
+    a = ad.read_h5ad(Path(__file__).resolve().parents[1] / "assets" / "velocity_sim_300x40.h5ad")
+    velocity(a, TeacherConfig("fm_dynamical", max_iter=2), NeighbourConfig(), source="tiny")
+    assert a.uns["fm"]["method"] == "fm_dynamical"
+    assert ((a.obs["latent_time"] >= 0) & (a.obs["latent_time"] <= 1)).all()
+    fitted = a.var["velocity_genes"].to_numpy(bool)
+    assert fitted.any()
+    for name in ("velocity", "velocity_u", "velocity_confidence"):
+        assert np.isfinite(a.layers[name][:, fitted]).all(), name
+    for name in ("fit_alpha", "fit_beta", "fit_gamma"):
+        assert (a.var[name].to_numpy()[fitted] > 0).all(), name
+    assert np.isfinite(a.var["fit_t_"].to_numpy()[fitted]).all()  # the switch; before 0 for genes already repressed
+    with pytest.raises(ValueError, match="latent_time"):  # a second run refuses to replace them silently
+        velocity(a, TeacherConfig("fm_dynamical", max_iter=2), NeighbourConfig(), source="tiny")
