@@ -72,7 +72,8 @@ def size_factors(adata, cfg: NeighbourConfig, key: str, source: str) -> np.ndarr
 
 
 FM_DYNAMICAL_FIELDS = {"obs": ["latent_time"], "layers": ["velocity_confidence"],
-                       "var": ["fit_alpha", "fit_alpha_off", "fit_beta", "fit_gamma", "fit_t0", "fit_t_", "fit_r2"]}
+                       "var": ["fit_alpha", "fit_alpha_off", "fit_beta", "fit_gamma", "fit_scaling", "fit_t0", "fit_t_",
+                               "fit_r2"]}
 
 
 def output_fields(has_velocity_u: bool, method: str = "") -> dict[str, list[str]]:

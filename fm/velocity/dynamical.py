@@ -59,7 +59,8 @@ VELOCITY_AT = ("fit", "observed")
 
 @dataclass(frozen=True)
 class DynamicalConfig:
-    """Settings of fm's dynamical fit; recorded in ``uns['fm']`` by ``fm velocity``."""
+    """Settings of fm's dynamical fit (``fm velocity --method fm_dynamical`` sets ``rounds`` from the teacher's
+    ``max_iter`` and keeps the other defaults)."""
 
     rounds: int = 10  # alternations of (cell times by grid search, gene parameters by Adam, variances)
     steps: int = 100  # Adam steps on the gene parameters per round
@@ -90,16 +91,18 @@ class DynamicalConfig:
 
 @dataclass
 class DynamicalFit:
-    """The fit on G genes; rates in the units of the moments (velocity = beta Mu_fit - gamma Ms_fit)."""
+    """The fit on G genes, in scVelo's conventions: u = Mu / scaling is unspliced in the units of Ms, and
+    ds/dt = beta u - gamma s, du/dt = alpha(t) - beta u (velocity_u = scaling du/dt, in Mu units)."""
 
     latent_time: np.ndarray  # [N] the cell clock, in [0, 1]
     velocity: np.ndarray  # [N, G] ds/dt in Ms units
     velocity_u: np.ndarray  # [N, G] du/dt in Mu units
     confidence: np.ndarray  # [N, G] in (0, 1]
-    alpha: np.ndarray  # [G] transcription rate when on (Mu units per clock unit)
+    alpha: np.ndarray  # [G] transcription rate when on (Ms units per clock unit)
     alpha_off: np.ndarray  # [G] when off
-    beta: np.ndarray  # [G] splicing rate, Ms units per Mu unit per clock unit
-    gamma: np.ndarray  # [G] degradation rate
+    beta: np.ndarray  # [G] splicing rate (per clock unit)
+    gamma: np.ndarray  # [G] degradation rate (per clock unit)
+    scaling: np.ndarray  # [G] Mu / u (scVelo's fit_scaling)
     t0: np.ndarray  # [G] onset on the clock
     t_switch: np.ndarray  # [G] switch to repression on the clock (scVelo's t_)
     r2: np.ndarray  # [G] 1 - residual / total variance of (Mu, Ms) scaled, averaged over the two
@@ -297,8 +300,8 @@ def _fit(Ms_NG, Mu_NG, gamma_ss_G, graph_NN, cfg: DynamicalConfig) -> DynamicalF
     fit = DynamicalFit(
         latent_time=out(t_N), velocity=(out(v) * c_s).astype(np.float32),
         velocity_u=(out(vu) * c_u).astype(np.float32), confidence=out(conf).astype(np.float32),
-        # in the moments' units: dMu/dt = alpha' - beta' Mu, dMs/dt = beta'' Mu - gamma Ms
-        alpha=alpha * rho * c_u, alpha_off=alpha_off * rho * c_u, beta=beta * c_s / (rho * c_u), gamma=gamma,
+        # the model's s is Ms / c_s and its u is Mu / (rho c_u): in Ms units u = Mu / scaling, alpha scales by c_s
+        alpha=alpha * c_s, alpha_off=alpha_off * c_s, beta=beta, gamma=gamma, scaling=rho * c_u / c_s,
         t0=t0, t_switch=ts, r2=out(r2), loss=nll)
     log.info("dynamical fit: %d cells x %d genes in %.1f s (%d rounds x %d steps), nll %.4f, median r2 %.3f",
              N, G, time.perf_counter() - t_start, cfg.rounds, cfg.steps, nll, float(np.median(fit.r2)))

@@ -406,7 +406,8 @@ def fm_dynamical(nb: Neighbourhood, cfg: TeacherConfig | None = None, genes: Seq
         velocity_genes=vg, unfit=dict(sorted(unfit.items())),
         obs={"latent_time": f.latent_time.astype(np.float32)},
         var={"fit_alpha": full(f.alpha), "fit_alpha_off": full(f.alpha_off), "fit_beta": full(f.beta),
-             "fit_gamma": full(f.gamma), "fit_t0": full(f.t0), "fit_t_": full(f.t_switch), "fit_r2": full(f.r2)},
+             "fit_gamma": full(f.gamma), "fit_scaling": full(f.scaling), "fit_t0": full(f.t0),
+             "fit_t_": full(f.t_switch), "fit_r2": full(f.r2)},
         layers={"velocity_confidence": full_NG(f.confidence)})
 
 

@@ -175,3 +175,17 @@ def test_command_writes_scvelo_fields():
     assert np.isfinite(a.var["fit_t_"].to_numpy()[fitted]).all()  # the switch; before 0 for genes already repressed
     with pytest.raises(ValueError, match="latent_time"):  # a second run refuses to replace them silently
         velocity(a, TeacherConfig("fm_dynamical", max_iter=2), NeighbourConfig(), source="tiny")
+
+
+def test_rates_follow_scvelo_conventions():
+    """velocity = fit_beta Mu / fit_scaling - fit_gamma Ms, velocity_u = scaling (alpha - beta Mu / scaling) at the
+    observed moments, so a user can rebuild the velocity from var['fit_*'] as with scVelo."""
+    u_obs, s_obs, _, _, _ = _model_data(200, 8, noise=0.02, seed=5)
+    Ms, Mu = 3.0 * s_obs.clamp(min=0).numpy(), 0.5 * u_obs.clamp(min=0).numpy()  # other units than the model's
+    fit = fit_dynamics(Ms, Mu, np.full(8, 0.2), _graph(np.c_[Ms, Mu]),
+                       DynamicalConfig(rounds=1, steps=5, velocity_at="observed"))
+    np.testing.assert_allclose(fit.velocity, fit.beta * Mu / fit.scaling - fit.gamma * Ms, rtol=1e-4, atol=1e-5)
+    before_onset = fit.latent_time[:, None] < fit.t0
+    after_switch = fit.latent_time[:, None] >= fit.t_switch
+    alpha_NG = np.where(before_onset | after_switch, fit.alpha_off, fit.alpha)
+    np.testing.assert_allclose(fit.velocity_u, fit.scaling * alpha_NG - fit.beta * Mu, rtol=1e-4, atol=1e-5)
