@@ -72,6 +72,32 @@ def check_counts(x_RG, where: str, allow_non_integer: bool, cell_name: Callable[
                 f"gene {str(gene_name(col))!r}{bad.hint}")
 
 
+def normalisation_scales(lib_s_N: np.ndarray, lib_u_N: np.ndarray, size_factor_N: np.ndarray | None,
+                         normalization: str, target_sum: float, cell_name: Callable[[int], str]) -> np.ndarray:
+    """Per-cell multipliers [2, N] (float64) so that normalised = counts * scale, per modality (spliced, unspliced):
+    the one normalisation rule of the tokenizer and the neighbourhoods (DESIGN §4, §9).
+
+    ``total``: each modality by its own library size, times ``target_sum`` (a zero library gives zeros);
+    ``size_factor``: divided by the cell's factor, which must be positive and finite (else a ValueError naming the
+    cell by ``cell_name``); ``none``: ones.
+    """
+    N = len(lib_s_N)
+    if normalization == "none":
+        return np.ones((2, N))
+    if normalization == "size_factor":
+        sf = np.full(N, np.nan) if size_factor_N is None else np.asarray(size_factor_N, np.float64)
+        bad = ~(np.isfinite(sf) & (sf > 0))
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            raise ValueError(f"normalization='size_factor' but cell {cell_name(i)} has size_factor={float(sf[i])} "
+                             f"(needs a positive number; {int(bad.sum())} of {N} cells lack one)")
+        return np.broadcast_to(1.0 / sf, (2, N))
+    lib_2N = np.stack([lib_s_N, lib_u_N]).astype(np.float64)
+    out_2N = np.zeros((2, N))
+    np.divide(target_sum, lib_2N, out=out_2N, where=lib_2N > 0)
+    return out_2N
+
+
 def stored_entries(s_RG: sp.csr_matrix, u_RG: sp.csr_matrix, moments: tuple[sp.csr_matrix, sp.csr_matrix] | None = None
                    ) -> tuple[sp.csr_matrix, np.ndarray | None, np.ndarray | None]:
     """The genes each cell stores (docs/FORMAT.md): those with s + u > 0, with their moments when given.

@@ -41,6 +41,7 @@ import torch
 from torch.utils.data import get_worker_info
 
 from fm import keys
+from fm.data.counts import normalisation_scales
 
 GENE_SETS = ("cell", "batch")
 GENE_SAMPLINGS = ("random", "top_expressed")
@@ -281,24 +282,13 @@ def ranges(starts: np.ndarray, lens: np.ndarray) -> np.ndarray:
 
 
 def _scales(block: CellBlock, cfg: TokenizerConfig) -> np.ndarray:
-    """Per-cell multipliers [2, B] (float32) for spliced and unspliced counts."""
-    B = len(block)
-    if cfg.normalization == "none":
-        return np.ones((2, B), np.float32)
-    if cfg.normalization == "size_factor":
-        sf = block.size_factor_B.astype(np.float64)
-        bad = ~(np.isfinite(sf) & (sf > 0))
-        if bad.any():
-            i = int(np.flatnonzero(bad)[0])
-            raise ValueError(
-                f"normalization='size_factor' but cell {block.cell_id[i]!r} of dataset {block.dataset_id[i]!r} has "
-                f"{keys.SIZE_FACTOR}={float(block.size_factor_B[i])} (needs a positive number in the corpus column)"
-            )
-        return np.broadcast_to((1.0 / sf).astype(np.float32), (2, B))
-    lib_2B = np.stack([block.library_size_spliced_B, block.library_size_unspliced_B]).astype(np.float64)
-    out_2B = np.zeros((2, B))  # a zero library gives zeros
-    np.divide(cfg.target_sum, lib_2B, out=out_2B, where=lib_2B > 0)
-    return out_2B.astype(np.float32)
+    """Per-cell multipliers [2, B] (float32) for spliced and unspliced counts (fm.data.counts.normalisation_scales)."""
+    def name(i: int) -> str:
+        return f"{block.cell_id[i]!r} of dataset {block.dataset_id[i]!r} (corpus column {keys.SIZE_FACTOR})"
+
+    scale_2B = normalisation_scales(block.library_size_spliced_B, block.library_size_unspliced_B, block.size_factor_B,
+                                    cfg.normalization, cfg.target_sum, name)
+    return scale_2B.astype(np.float32)
 
 
 def _empty(shape: tuple[int, ...], dtype: torch.dtype) -> np.ndarray:

@@ -27,6 +27,8 @@ from typing import Protocol
 import numpy as np
 import scipy.sparse as sp
 
+from fm.data.counts import normalisation_scales as scales
+
 log = logging.getLogger(__name__)
 
 NORMALIZATIONS = ("total", "size_factor", "none")
@@ -84,29 +86,11 @@ class Neighbourhood:
 def normalisation_scales(
     lib_s_N: np.ndarray, lib_u_N: np.ndarray, size_factor_N: np.ndarray | None, cfg: NeighbourConfig, where: str = ""
 ) -> np.ndarray:
-    """Per-cell multipliers [2, N] (float64) so that normalised = counts * scale, per modality (spliced, unspliced).
-
-    A cell with a zero library gets zeros (``total``); ``size_factor`` needs a positive finite factor for every cell.
-    """
-    N = len(lib_s_N)
-    if cfg.normalization == "none":
-        return np.ones((2, N))
-    if cfg.normalization == "size_factor":
-        if size_factor_N is None:
-            raise NeighbourhoodError(f"{where}: normalization='size_factor' but no size factor was given")
-        sf = np.asarray(size_factor_N, np.float64)
-        bad = ~(np.isfinite(sf) & (sf > 0))
-        if bad.any():
-            i = int(np.flatnonzero(bad)[0])
-            raise NeighbourhoodError(
-                f"{where}: normalization='size_factor' but cell {i} has size factor {float(sf[i])} "
-                f"({int(bad.sum())} cells without a positive finite one)"
-            )
-        return np.broadcast_to(1.0 / sf, (2, N)).copy()
-    lib_2N = np.stack([lib_s_N, lib_u_N]).astype(np.float64)
-    out = np.zeros((2, N))
-    np.divide(cfg.target_sum, lib_2N, out=out, where=lib_2N > 0)
-    return out
+    """Per-cell multipliers [2, N] (float64): the tokenizer's rule (fm.data.counts.normalisation_scales)."""
+    try:
+        return scales(lib_s_N, lib_u_N, size_factor_N, cfg.normalization, cfg.target_sum, str)
+    except ValueError as e:
+        raise NeighbourhoodError(f"{where}: {e}") from e
 
 
 def scale_rows(x_NG: sp.spmatrix, scale_N: np.ndarray) -> sp.csr_matrix:
