@@ -2,6 +2,7 @@
 
     .venv/bin/python -m bench.velocity --write                   # 3 seeds x 2 sizes + pancreas: ~15 min, 2 cores
     .venv/bin/python -m bench.velocity --sizes 1000x100 --seeds 0 --no-pancreas        # a look, ~1 min
+    .venv/bin/python -m bench.velocity --sizes --no-pancreas --scale 100000x200    # fm_dynamical's cost, ~6 min
 
 Methods, all on the same neighbourhood of each file (fm.velocity.neighbours: the given size factors on the
 simulations, total counts on pancreas; 30 PCs, 30 neighbours, scVelo-equal moments Ms, Mu), so that the table
@@ -159,7 +160,15 @@ def pancreas_rows(names) -> list[dict]:
 
 
 # --- the table ------------------------------------------------------------------------------------------------------
-def markdown(sim: list[dict], pancreas: list[dict], command: str, wall_s: float) -> str:
+def scale_rows(size: str, seed: int = 7) -> list[dict]:
+    """fm_dynamical alone on a large simulation (scVelo's fit would take hours): its cost per cell."""
+    rows = simulation_rows(size, seed, ["fm_dynamical"])
+    for r in rows:
+        r["ms_per_cell"] = 1e3 * r["seconds"] / int(size.split("x")[0])
+    return rows
+
+
+def markdown(sim: list[dict], pancreas: list[dict], command: str, wall_s: float, scale: list[dict] = ()) -> str:
     import torch
 
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
@@ -183,6 +192,11 @@ def markdown(sim: list[dict], pancreas: list[dict], command: str, wall_s: float)
             lines.append(f"| {m} | " + " | ".join(f"{np.median([r[k] for r in rs]):.3f}"
                                                    for k in ("spearman", "cosine", "sign")) +
                          f" | {np.median([r['seconds'] for r in rs]):.1f} |")
+    if scale:
+        lines += ["", "| large simulation | fm_dynamical genes | Spearman / cosine / sign | s | ms per cell |",
+                  "|---|---|---|---|---|"]
+        lines += [f"| {r['data']} | {r['genes']} | {r['spearman']:.3f} / {r['cosine']:.3f} / {r['sign']:.3f} "
+                  f"| {r['seconds']:.1f} | {r['ms_per_cell']:.2f} |" for r in scale]
     if pancreas:
         lines += ["", "| pancreas (3,696 x 2,000) | velocity genes | CBDir | ICCoh | backward on the Beta chain | "
                   "s |", "|---|---|---|---|---|---|"]
@@ -202,6 +216,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="simulated time spans (parameter sets: 50 leaves more cells near the steady states)")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     p.add_argument("--no-pancreas", action="store_true")
+    p.add_argument("--scale", nargs="*", default=[], metavar="CELLSxGENES",
+                   help="also time fm_dynamical alone on these simulation sizes (seed 7)")
     p.add_argument("--write", action="store_true", help=f"add the run to docs/BENCHMARKS.md ('## {SECTION}')")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -213,8 +229,9 @@ def main(argv: list[str] | None = None) -> int:
     sim = [r for t_max in args.t_max for size in args.sizes for seed in args.seeds
            for r in simulation_rows(size, seed, args.methods, t_max)]
     pancreas = [] if args.no_pancreas else pancreas_rows(args.methods)
+    scale = [r for size in args.scale for r in scale_rows(size)]
     text = markdown(sim, pancreas, "python -m bench.velocity " + " ".join(argv if argv is not None else sys.argv[1:]),
-                    time.perf_counter() - t0)
+                    time.perf_counter() - t0, scale)
     print(text)
     if args.write:
         record(SECTION, text, intro=INTRO)
