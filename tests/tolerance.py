@@ -32,6 +32,9 @@ def assert_close_rounding(got, want, *, terms: int, msg: str | None = None) -> N
     """``got`` equals ``want`` (tensors or arrays) up to the rounding of reductions of ``terms`` products, in the
     coarser precision of the two (a float32 result against a float64 reference: float32's)."""
     got, want = torch.as_tensor(got), torch.as_tensor(want)
+    if not (got.is_floating_point() and want.is_floating_point()):  # masks, indices: no rounding, so exactly
+        torch.testing.assert_close(got, want, rtol=0, atol=0, msg=msg)
+        return
     coarse = max((got.dtype, want.dtype), key=lambda d: torch.finfo(d).eps)
     torch.testing.assert_close(got.to(torch.float64), want.to(torch.float64), equal_nan=True,
                                **rounding_tolerance(want, terms, coarse),
