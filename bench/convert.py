@@ -31,8 +31,8 @@ from bench.report import record  # noqa: E402
 
 INTRO = """`python bench/convert.py`: simulated .h5ad (bifurcation) -> corpus.
 
-| date | machine | genes | workers | cells | neighbours | seconds | cells/s | peak RSS (MiB) |
-|---|---|---|---|---|---|---|---|---|"""
+| date | machine | genes | workers | cells | neighbours | seconds | cells/s | peak RSS (MiB) | corpus (MiB) |
+|---|---|---|---|---|---|---|---|---|---|"""
 
 
 def simulate_file(path: Path, n_cells: int, n_genes: int) -> Path:
@@ -93,13 +93,13 @@ def main() -> int:
             print(f"{n:>9,} cells, {k:>2} neighbours: {seconds:7.1f} s, {n / seconds:9,.0f} cells/s, peak RSS "
                   f"{peak:7.0f} MiB, input {src.stat().st_size / 2**20:,.0f} MiB, corpus {size / 2**20:,.0f} MiB"
                   f"{ratio}")  # fmt: skip
-            shutil.rmtree(out, ignore_errors=True)
+            shutil.rmtree(out, ignore_errors=True)  # (size was taken above)
             if not args.no_record:
                 today = dt.date.today().isoformat()
                 record(
                     "convert",
                     f"| {today} | {machine} | {args.genes} | {args.workers} | {n:,} | {k} | {seconds:.1f} "
-                    f"| {n / seconds:,.0f} | {peak:.0f} |",
+                    f"| {n / seconds:,.0f} | {peak:.0f} | {size / 2**20:.0f} |",
                     intro=INTRO,
                 )
     return 0
