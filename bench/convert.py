@@ -1,7 +1,7 @@
 """Benchmark the converter: cells/s and peak memory (RSS of the process tree) on simulated files of two sizes, with
 and without neighbourhoods (moments over 30 neighbours on 30 PCs), in one run.
 
-    python bench/convert.py --cells 100000 400000 --genes 1000   # the figures in docs/BENCHMARKS.md; ~30 minutes
+    python bench/convert.py --cells 25000 100000 --genes 1000 --neighbours 0 30   # docs/BENCHMARKS.md; ~5 minutes
     python bench/convert.py --cells 20000 5000 --genes 500       # a quick one
 
 Simulated inputs are cached in --work (default /tmp/fm-bench). Each conversion runs in its own process, sampled
