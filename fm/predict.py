@@ -570,16 +570,21 @@ def read_input(path: Path) -> anndata.AnnData:
         raise ValueError(f"{path}: not a readable .h5ad (HDF5) file ({reason}); truncated or not an AnnData?") from e
 
 
+def check_paths(inp: Path, out: Path, out_flag: str, overwrite: bool) -> None:
+    """A command's input exists; its output is not the input, and exists only when ``overwrite``."""
+    if not inp.is_file():
+        raise FileNotFoundError(f"{inp}: no such input file")
+    if out.resolve() == inp.resolve():
+        raise ValueError(f"{out}: is the input; will not overwrite the input (choose another {out_flag})")
+    if out.exists() and not overwrite:
+        raise ValueError(f"{out}: exists; pass --overwrite to replace it")
+
+
 def run(args: argparse.Namespace) -> int:
     from fm.checkpoint import load_pretrained
 
     inp, out = Path(args.input), Path(args.output)
-    if not inp.is_file():
-        raise FileNotFoundError(f"{inp}: no such input file")
-    if out.resolve() == inp.resolve():
-        raise ValueError(f"{out}: is the input; will not overwrite the input (choose another --output)")
-    if out.exists() and not args.overwrite:
-        raise ValueError(f"{out}: exists; pass --overwrite to replace it")
+    check_paths(inp, out, "--output", args.overwrite)
     adata = read_input(inp)
     read_counts(adata, str(inp), args.allow_non_integer)  # bad input fails before the models load (predict rechecks)
     models = [load_pretrained(c, device=args.device or "cpu") for c in args.checkpoint]

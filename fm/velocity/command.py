@@ -142,15 +142,10 @@ def velocity(adata, tcfg: TeacherConfig, ncfg: NeighbourConfig, *, size_factor_k
 
 
 def run(args: argparse.Namespace) -> int:
-    from fm.predict import read_input, write_h5ad_atomic
+    from fm.predict import check_paths, read_input, write_h5ad_atomic
 
     inp, out = Path(args.input), Path(args.out)
-    if not inp.is_file():
-        raise FileNotFoundError(f"{inp}: no such input file")
-    if out.resolve() == inp.resolve():
-        raise ValueError(f"{out}: is the input; will not overwrite the input (choose another --out)")
-    if out.exists() and not args.overwrite:
-        raise ValueError(f"{out}: exists; pass --overwrite to replace it")
+    check_paths(inp, out, "--out", args.overwrite)
     ncfg = NeighbourConfig(n_neighbours=args.neighbours, n_pcs=args.pcs, normalization=args.normalization)
     tcfg = TeacherConfig(method=args.method)
     adata = read_input(inp)
