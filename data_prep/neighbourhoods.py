@@ -8,8 +8,8 @@ Per dataset, in bounded memory:
 1. the kept cells and stored genes are read in row chunks, normalised as the corpus records (fm.velocity.neighbours:
    the tokenizer's rule) and appended to an on-disk CSR store (``CORPUS/.neighbourhoods/<k>/``); a cell without any
    count over the stored genes is not stored (as without neighbourhoods) and takes no part in the graph;
-2. the PCA (IncrementalPCA, a batch of cells at a time), the kNN graph and the moments operator (cells x cells,
-   ~45 entries a row) are computed; only the components and the graph are in memory;
+2. the PCA (the covariance of the 2,000 most variable genes, accumulated a batch of cells at a time), the kNN
+   graph and the moments operator (cells x cells, ~45 entries a row) are computed; only the components and the graph are in memory;
 3. the moments are computed a block of cells at a time in reverse Cuthill-McKee order of the graph, so a block's
    neighbours are mostly in the blocks around it: the rows a block reads from the store stay few (the ratio of rows
    read to rows computed is logged). They go to a second store, from which each shard's rows are cut into one file
@@ -63,7 +63,8 @@ class DiskRows:
     def __init__(self, folder: Path, name: str, n_genes: int):
         self.folder, self.name, self.n_genes = Path(folder), name, n_genes
         self.folder.mkdir(parents=True, exist_ok=True)
-        self.indptr = [np.zeros(1, np.int64), np.zeros(1, np.int64)]
+        self._lens: list[list[np.ndarray]] = [[], []]  # per append, the rows' entry counts (indptr on close)
+        self.indptr: list[np.ndarray] = []
         self._files = [{k: open(self._path(m, k), "wb") for k in ("indices", "data")} for m in range(2)]
 
     def _path(self, m: int, kind: str) -> Path:
@@ -75,12 +76,14 @@ class DiskRows:
             x.sort_indices()
             self._files[m]["indices"].write(x.indices.astype(np.int32).tobytes())
             self._files[m]["data"].write(x.data.astype(np.float32).tobytes())
-            self.indptr[m] = np.concatenate([self.indptr[m], self.indptr[m][-1] + x.indptr[1:]])
+            self._lens[m].append(np.diff(x.indptr))
 
     def close(self) -> DiskRows:
         for files in self._files:
             for f in files.values():
                 f.close()
+        self.indptr = [np.concatenate([[0], np.cumsum(np.concatenate(lens or [np.zeros(0, np.int64)]))])
+                       .astype(np.int64) for lens in self._lens]
         return self
 
     @property
