@@ -9,7 +9,8 @@ Per dataset, in bounded memory:
    the tokenizer's rule) and appended to an on-disk CSR store (``CORPUS/.neighbourhoods/<k>/``); a cell without any
    count over the stored genes is not stored (as without neighbourhoods) and takes no part in the graph;
 2. the PCA (the covariance of the 2,000 most variable genes, accumulated a batch of cells at a time), the kNN
-   graph and the moments operator (cells x cells, ~45 entries a row) are computed; only the components and the graph are in memory;
+   graph and the moments operator (cells x cells, ~45 entries a row) are computed; only the components and the
+   graph are in memory;
 3. the moments are computed a block of cells at a time in reverse Cuthill-McKee order of the graph, so a block's
    neighbours are mostly in the blocks around it: the rows a block reads from the store stay few (the ratio of rows
    read to rows computed is logged). They go to a second store, from which each shard's rows are cut into one file
