@@ -139,14 +139,6 @@ class InMemoryCounts:
         return self.spliced[idx], self.unspliced[idx]
 
 
-def batch_bounds(n: int, rows: int, min_rows: int) -> list[tuple[int, int]]:
-    """``[a, b)`` batches of ``rows`` cells; a last batch shorter than ``min_rows`` joins the one before it."""
-    bounds = [(a, min(a + rows, n)) for a in range(0, n, rows)]
-    if len(bounds) > 1 and bounds[-1][1] - bounds[-1][0] < min_rows:
-        bounds[-2:] = [(bounds[-2][0], n)]
-    return bounds
-
-
 def pca(counts: CountRows, n_pcs: int, n_top_genes: int, where: str = "") -> tuple[np.ndarray, np.ndarray]:
     """PCA of log1p(normalised spliced) over the ``n_top_genes`` genes of highest variance, in two passes over
     batches of :data:`PCA_ROWS` cells, so memory is a batch and a genes x genes covariance, not the dataset.
@@ -166,7 +158,7 @@ def pca(counts: CountRows, n_pcs: int, n_top_genes: int, where: str = "") -> tup
     if n_comps < n_pcs:
         log.warning("%s: %d principal components instead of n_pcs=%d (only %d cells x %d genes)",
                     where, n_comps, n_pcs, N, G)
-    bounds = batch_bounds(N, PCA_ROWS, 1)
+    bounds = [(a, min(a + PCA_ROWS, N)) for a in range(0, N, PCA_ROWS)]
 
     def logged(a: int, b: int) -> sp.csr_matrix:
         return sp.csr_matrix(counts.rows(a, b)[0], dtype=np.float64).log1p()
