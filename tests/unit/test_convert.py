@@ -441,7 +441,7 @@ def test_velocity_teacher_writes_the_velocity_target(tmp_path, sim_h5ad, method)
     cols = vocab.map_genes(adata.var[keys.VAR_GENE_ID].tolist(), adata.var_names.tolist())[0]
     want_v = np.full_like(got, np.nan)
     want_v[:, cols] = want
-    assert 0 < r.velocity_genes.sum() < len(r.velocity_genes) or r.velocity_genes.all()
+    assert r.velocity_genes.any()  # some genes have velocity: the comparison below is not empty
     np.testing.assert_array_equal(np.isnan(got[stored]), np.isnan(want_v[stored]))
     ok = stored & ~np.isnan(want_v)
     np.testing.assert_allclose(got[ok], want_v[ok], rtol=1e-5, atol=1e-6 * np.nanmax(np.abs(want)))
