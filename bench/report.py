@@ -9,14 +9,14 @@
 (text starting with ``|``) goes directly under the section's last table row; anything else (a ``### date, machine``
 run block) gets a blank line before it. A missing file is created with a ``# Benchmarks`` title, a missing section
 at the end of the file with ``intro`` (e.g. a description and a table header) under its title. Other sections are
-never touched, and the file is replaced atomically (fm.data.schema.atomic_write_text).
+never touched, and the file is replaced atomically (fm.io.atomic_write_text).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from fm.data.schema import atomic_write_text
+from fm.io import atomic_write_text
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "docs" / "BENCHMARKS.md"
 

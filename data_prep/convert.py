@@ -40,8 +40,10 @@ from data_prep.shard_tasks import ShardTask, read_shard_info, shard_settings_has
 from data_prep.sources import ConversionError
 from data_prep.stats import BlockStats, FilterConfig, cell_mask, collect_stats, gene_mask, merge_stats
 from data_prep.targets import DatasetSpec, TargetConfig, inspect_input
-from data_prep.vocab import build_vocab, map_onto
+from data_prep.vocab import build_vocab
 from fm import keys
+from fm.command import run_step
+from fm.data.genes import map_onto
 from fm.data.schema import (
     MANIFEST_NAME,
     SCHEMA_VERSION,
@@ -499,8 +501,4 @@ def _main(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    import sys
-
-    from fm.cli import main
-
-    sys.exit(main(["prep", "convert", *sys.argv[1:]]))
+    raise SystemExit(run_step(add_parser, "python -m data_prep.convert"))

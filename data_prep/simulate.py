@@ -42,6 +42,7 @@ from data_prep.gene_table import (
 )
 from data_prep.kinetics import REGIMES, T_MAX, KineticModel, build_lineages
 from fm import keys
+from fm.io import atomic_path, write_h5ad_atomic
 
 log = logging.getLogger(__name__)
 
@@ -327,20 +328,11 @@ def simulate(
 def write(adata, path: str | Path) -> Path:
     """Write ``adata`` to ``path`` (.h5ad) and its gene table beside it (``X.genes.tsv``), each atomically."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     table = adata.uns[keys.UNS_SIMULATION]["gene_table"]
     table = table.reset_index() if "gene_id" not in table.columns else table
-    for target, save in (
-        (gene_table_path(path), lambda p: table[list(GENE_TABLE_COLUMNS)].to_csv(p, sep="\t", index=False)),
-        (path, lambda p: adata.write_h5ad(p)),
-    ):
-        tmp = target.with_name(f".{target.stem}.tmp{os.getpid()}{target.suffix}")  # hidden, same extension
-        try:
-            save(tmp)
-            os.replace(tmp, target)
-        finally:
-            tmp.unlink(missing_ok=True)
-    return path
+    with atomic_path(gene_table_path(path)) as tmp:
+        table[list(GENE_TABLE_COLUMNS)].to_csv(tmp, sep="\t", index=False)
+    return write_h5ad_atomic(adata, path)
 
 
 # --- CLI -----------------------------------------------------------------------------------------------------------

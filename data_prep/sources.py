@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from fm import keys
+from fm.data.genes import GENE_ID_COLUMNS, GENE_SYMBOL_COLUMNS
 
 try:  # anndata >= 0.11
     from anndata.io import read_elem, sparse_dataset
@@ -30,9 +30,6 @@ except ImportError:  # pragma: no cover - anndata 0.10
 
 log = logging.getLogger(__name__)
 
-# var columns that hold a stable gene id, and those that hold a symbol, first found wins
-GENE_ID_COLUMNS = (keys.VAR_GENE_ID, "gene_ids", "Accession", "gene_id_ensembl")
-GENE_SYMBOL_COLUMNS = ("Gene", "gene_symbols", "gene_symbol", "gene_name")
 CELL_ID_COLUMNS = ("CellID", "obs_names", "cell_id")  # loom column attributes
 SUFFIXES = (".h5ad", ".loom")
 

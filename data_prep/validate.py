@@ -23,7 +23,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from fm import keys
+from fm.command import run_step
 from fm.data.schema import CORPUS_SCHEMA, SCHEMA_VERSION, SHARD_DIR, CorpusError, Manifest, load_manifest, sha256_file
+from fm.data.vocab import GeneVocab
 
 log = logging.getLogger(__name__)
 
@@ -192,8 +194,6 @@ def validate(corpus: str | os.PathLike, *, checksums: bool = True) -> Validation
         report.errors.append(str(e))
         return report
     report.n_genes, report.n_shards, report.n_datasets = manifest.n_genes, len(manifest.shards), len(manifest.datasets)
-    from fm.data.vocab import GeneVocab
-
     if len(GeneVocab.load(corpus / "vocab.tsv")) != manifest.n_genes:
         report.errors.append(
             f"{corpus}/manifest.json: field 'n_genes' is {manifest.n_genes}, vocab.tsv has a different number of genes"
@@ -283,8 +283,4 @@ def _main(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    import sys
-
-    from fm.cli import main
-
-    sys.exit(main(["prep", "validate", *sys.argv[1:]]))
+    raise SystemExit(run_step(add_parser, "python -m data_prep.validate"))

@@ -18,7 +18,6 @@ import json
 import logging
 import os
 import re
-import shutil
 import tempfile
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -26,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from fm.data.schema import MANIFEST_NAME, VOCAB_NAME, load_manifest
 from fm.data.vocab import GeneVocab
+from fm.io import atomic_dir
 
 if TYPE_CHECKING:
     import torch
@@ -82,12 +82,6 @@ class Pretrained:
             raise ReleaseError(f"{self.path}: a {self.head_name} baseline release has no encoder to encode with")
         with torch.inference_mode():
             return self.encoder({k: v.to(self.device) for k, v in batch.items()})
-
-    def predict(self, adata, **kw):
-        """``fm.predict.predict(self, adata, **kw)``: a copy of ``adata`` with this model's outputs added."""
-        from fm.predict import predict
-
-        return predict(self, adata, **kw)
 
 
 # --- export ----------------------------------------------------------------------------------------------------------
@@ -243,30 +237,6 @@ def _is_release(folder: Path) -> bool:
         return False
 
 
-def _make_readable(folder: Path) -> None:
-    """The permissions an ordinary folder gets (mkdtemp makes it private), so the release can be shared."""
-    umask = os.umask(0)
-    os.umask(umask)
-    folder.chmod(0o777 & ~umask)
-    for f in folder.iterdir():
-        f.chmod(0o666 & ~umask)
-
-
-def _swap_into_place(new: Path, out: Path) -> None:
-    """Rename ``new`` to ``out``; an existing release is moved aside first and removed only once ``new`` is in."""
-    if not out.exists():
-        os.replace(new, out)
-        return
-    old = out.with_name(f".{out.name}.old-{os.getpid()}")
-    os.replace(out, old)
-    try:
-        os.replace(new, out)
-    except BaseException:
-        os.replace(old, out)
-        raise
-    shutil.rmtree(old)
-
-
 def export(ckpt_path: str | os.PathLike, out_dir: str | os.PathLike,
            vocab: str | os.PathLike | None = None) -> Path:
     """Write a release folder from a training checkpoint (PretrainTask or FinetuneTask; file or ZeRO folder).
@@ -292,19 +262,12 @@ def export(ckpt_path: str | os.PathLike, out_dir: str | os.PathLike,
     config = release_config(ckpt, source, head, gene_vocab)
     del ckpt
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         save_file(state, tmp / WEIGHTS_NAME, metadata={"format": "pt", "fm_format": RELEASE_FORMAT})
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
         gene_vocab.save(tmp / VOCAB_NAME)
         (tmp / CARD_NAME).write_text(model_card(config))
         load_pretrained(tmp)  # the release must load before it replaces anything
-        _make_readable(tmp)
-        _swap_into_place(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log.info("exported %s -> %s (%d tensors%s)", source, out, len(state),
              f", {head['name']} head" if head else "")
     return out

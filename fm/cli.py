@@ -20,8 +20,9 @@ Each subcommand lives in the module that does the work and registers itself thro
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
+
+from fm.command import run
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -85,18 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] in HYDRA_COMMANDS:
         return HYDRA_COMMANDS[argv[0]](argparse.Namespace(overrides=argv[1:]))
     parser = build_parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
-    )
-    try:
-        return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, KeyError) as e:
-        # bad input (a field, file or gene named in the message): one clear line, not a traceback; -v shows it
-        if args.verbose:
-            raise
-        print(f"fm: error: {e}", file=sys.stderr)
-        return 2
+    return run(parser.parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -80,8 +80,9 @@ def _model_stages(out: Path, corpus: Path, heldout: Path, *, genes: int, seed: i
     from fm import finetune, train
     from fm.checkpoint import export, load_pretrained
     from fm.evaluate import evaluate, print_table, write_json
+    from fm.io import write_h5ad_atomic
     from fm.plot import loss_curves, save_figure, velocity_embedding
-    from fm.predict import predict, write_h5ad_atomic
+    from fm.predict import predict
 
     paths: dict[str, Path] = {}
     data = [f"data.corpus={corpus}", f"data.max_genes={genes}", f"seed={seed}", *COMMON]

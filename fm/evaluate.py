@@ -37,7 +37,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -45,6 +44,7 @@ from typing import Any
 import numpy as np
 
 from fm import keys
+from fm.io import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -274,19 +274,8 @@ def print_table(result: dict[str, Any], title: str) -> None:
 
 
 def write_json(result: dict[str, Any], path: str | os.PathLike) -> Path:
-    """Write atomically (temporary file in the same folder, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(result, f, indent=2, default=float, allow_nan=True)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    """Write ``result`` as JSON atomically (fm.io)."""
+    return atomic_write_text(path, json.dumps(result, indent=2, default=float, allow_nan=True) + "\n")
 
 
 def print_comparison(results: dict[str, dict[str, Any]]) -> None:

@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from fm import keys
+from fm.io import atomic_path
 from fm.metrics.projection import (
     NORMALIZATIONS,
     ExpressionSpace,
@@ -312,19 +313,14 @@ def loss_curves(csv_paths_or_run_dirs: Sequence[str | os.PathLike], *, keys: Seq
 
 # --- writing and the command -------------------------------------------------------------------------------------
 def save_figure(fig, out: str | os.PathLike, dpi: int = DPI) -> Path:
-    """Write ``fig`` to ``out`` (format from the suffix) through a temporary name and a rename."""
+    """Write ``fig`` to ``out`` (format from the suffix) atomically (fm.io)."""
     out = Path(out)
     fmt = out.suffix.lstrip(".").lower()
     supported = fig.canvas.get_supported_filetypes()
     if fmt not in supported:
         raise ValueError(f"{out}: unknown figure format {fmt!r} (use one of {sorted(supported)})")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    try:
+    with atomic_path(out) as tmp:
         fig.savefig(tmp, dpi=dpi, format=fmt)
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
     return out
 
 

@@ -2,11 +2,11 @@
 
     fm predict --checkpoint releases/fm-velocity --checkpoint releases/fm-expression \
         --input pancreas.h5ad --output pancreas_fm.h5ad --batch-size 256 --device cpu
-    python -c "import anndata, fm; m = fm.load_pretrained('releases/fm-velocity'); \
-print(m.predict(anndata.read_h5ad('sim.h5ad')))"
+    python -c "import anndata, fm, fm.predict; m = fm.load_pretrained('releases/fm-velocity'); \
+print(fm.predict.predict(m, anndata.read_h5ad('sim.h5ad')))"
 
 The input needs raw counts in ``layers['spliced']`` and ``layers['unspliced']`` (dense or sparse). Its genes are
-mapped onto the model's vocabulary as ``fm prep convert`` maps a dataset (data_prep.vocab.map_onto: a stable id
+mapped onto the model's vocabulary as ``fm prep convert`` maps a dataset (fm.data.genes.map_onto: a stable id
 column such as ``var['gene_id']`` first, then ``var_names`` / a symbol column); unmatched genes are reported and get
 NaN. Cells are streamed in batches (row slices of the CSR, never the whole matrix densified) and tokenised as in
 fine-tuning (the release's ``tokenizer`` settings, library sizes over the cell's in-vocabulary genes, as the
@@ -30,8 +30,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -40,6 +38,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from fm import keys
+from fm.data.genes import GENE_ID_COLUMNS, GENE_SYMBOL_COLUMNS, map_onto
+from fm.io import write_h5ad_atomic
 from fm.progress import progress_bar
 
 if TYPE_CHECKING:
@@ -95,9 +95,6 @@ class GeneMap:
 
 def map_input_genes(adata: anndata.AnnData, vocab: GeneVocab, source: str) -> GeneMap:
     """Map the input's genes as the converter does: the first stable-id column, then symbols / var_names."""
-    from data_prep.sources import GENE_ID_COLUMNS, GENE_SYMBOL_COLUMNS
-    from data_prep.vocab import map_onto
-
     var = adata.var
     id_col = next((c for c in GENE_ID_COLUMNS if c in var.columns), None)
     sym_col = next((c for c in GENE_SYMBOL_COLUMNS if c in var.columns), None)
@@ -543,19 +540,6 @@ def predict(models: Pretrained | Sequence[Pretrained], adata: anndata.AnnData, *
 
 
 # --- command line ----------------------------------------------------------------------------------------------------
-def write_h5ad_atomic(adata: anndata.AnnData, path: Path) -> None:
-    """Write under a temporary name in the same folder, then rename: a failure leaves no half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp.h5ad", dir=path.parent)
-    os.close(fd)
-    try:
-        adata.write_h5ad(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def read_input(path: Path) -> anndata.AnnData:
     """The input ``.h5ad``; an empty, truncated or non-AnnData file is a one-line ValueError naming it (as the
     converter's), not h5py's traceback."""

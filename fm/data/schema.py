@@ -22,6 +22,8 @@ from typing import Any
 import pyarrow as pa
 
 from fm import keys
+from fm.data.errors import CorpusError
+from fm.data.vocab import GeneVocab
 
 SCHEMA_VERSION = 2  # 2: moments (Ms, Mu) and each dataset's neighbourhood settings
 FORMAT_NAME = "fm-corpus"
@@ -49,10 +51,6 @@ CORPUS_SCHEMA = pa.schema(
     ],
     metadata={b"fm.schema_version": str(SCHEMA_VERSION).encode()},
 )
-
-
-class CorpusError(ValueError):
-    """A corpus folder, manifest or shard is missing, malformed or inconsistent."""
 
 
 @dataclass
@@ -121,21 +119,8 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary name and a rename, so a reader never sees half a file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def load_manifest(corpus: str | os.PathLike, *, check_vocab: bool = True) -> Manifest:
     """Read and check ``CORPUS/manifest.json``: format, schema version and (by default) the vocabulary hash."""
-    from fm.data.vocab import GeneVocab  # local: vocab imports this module's helpers
-
     corpus = Path(corpus)
     path = corpus / MANIFEST_NAME
     if not corpus.is_dir():

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from fm.data.schema import CorpusError, atomic_write_text
+from fm.data.errors import CorpusError
+from fm.io import atomic_write_text
 
 HEADER = "gene_id\tsymbol"
 

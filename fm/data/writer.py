@@ -24,10 +24,10 @@ from fm.data.schema import (
     DatasetInfo,
     Manifest,
     ShardInfo,
-    atomic_write_text,
     sha256_file,
 )
 from fm.data.vocab import GeneVocab
+from fm.io import atomic_path, atomic_write_text
 
 
 def shard_name(index: int) -> str:
@@ -79,15 +79,9 @@ def write_shard(
     table = pa.Table.from_batches(batches, schema=CORPUS_SCHEMA).combine_chunks()
     batches = table.to_batches(max_chunksize=record_batch_size)
     rows = [b.num_rows for b in batches]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
-            for b in batches:
-                writer.write_batch(b.replace_schema_metadata(schema.metadata))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_path(path) as tmp, pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
+        for b in batches:
+            writer.write_batch(b.replace_schema_metadata(schema.metadata))
     return ShardInfo(
         path=f"{path.parent.name}/{path.name}",
         n_cells=table.num_rows,

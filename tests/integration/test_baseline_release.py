@@ -59,8 +59,8 @@ def test_baseline_is_exported_and_predicts(data, tmp_path, capsys, name):
         assert torch.equal(v, head_state[f"head.{k}"]), k
     assert f"`{name}` baseline (no encoder)" in (release / "README.md").read_text()
     if name == "celldancer":  # a release loads and predicts without training code (DESIGN.md section 1)
-        code = ("import sys, anndata, fm; m = fm.load_pretrained(sys.argv[1]); "
-                "m.predict(anndata.read_h5ad(sys.argv[2])[:60].copy(), progress=False); "
+        code = ("import sys, anndata, fm, fm.predict; m = fm.load_pretrained(sys.argv[1]); "
+                "fm.predict.predict(m, anndata.read_h5ad(sys.argv[2])[:60].copy(), progress=False); "
                 "assert not [k for k in sys.modules if k.startswith(('lightning', 'fm.tasks'))], 'training code'")
         run_module([sys.executable, "-c", code, str(release), str(h5ad)])
 

@@ -229,7 +229,7 @@ def test_max_genes_and_symbol_mapping(trained, models):
     assert by_id.uns[keys.UNS_FM]["n_cells_truncated"] > 0
     assert by_id.uns[keys.UNS_FM]["models"]["0"]["tokenizer"]["max_genes"] == 8
     del adata.var[keys.VAR_GENE_ID]  # var_names hold the symbols
-    by_symbol = models[0].predict(adata, progress=False, max_genes=8)
+    by_symbol = predict(models[0], adata, progress=False, max_genes=8)
     assert by_symbol.uns[keys.UNS_FM]["genes"]["field"] == "var_names"
     np.testing.assert_array_equal(by_symbol.layers[keys.LAYER_VELOCITY], by_id.layers[keys.LAYER_VELOCITY])
     assert keys.LAYER_IMPUTED[keys.LAYER_SPLICED] not in by_symbol.layers  # a velocity release writes no imputation
@@ -323,7 +323,7 @@ def test_pancreas_round_trip(tmp_path):
     convert([tmp_path / "pancreas.h5ad"], corpus, progress=False)
     _, releases = train_and_export(tmp_path, corpus, {"velocity": ["head.mode=kinetic", "head.velocity_param=rates"]})
     model = load_pretrained(releases["velocity"])
-    result = model.predict(subset, batch_size=100, progress=False)
+    result = predict(model, subset, batch_size=100, progress=False)
     in_vocab = result.var[keys.VAR_FM_IN_VOCAB].to_numpy()
     assert in_vocab.sum() == len(model.vocab)  # the corpus's genes are the file's genes that pass the filters
     v = result.layers[keys.LAYER_VELOCITY]

@@ -8,7 +8,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from data_prep.vocab import build_vocab, map_onto
+from data_prep.vocab import build_vocab
+from fm.data.genes import map_onto
 from fm.data.schema import CorpusError
 from fm.data.vocab import GeneVocab
 
