@@ -30,9 +30,10 @@ import numpy as np
 from fm import keys
 from fm.data.schema import VOCAB_NAME, CorpusError, Manifest, load_manifest
 from fm.data.shards import REMAINDERS, ShardReader, UnitIndex, check_shards, hash_unit_interval
-from fm.data.stream import ShardedArrowDataset, ShardedDataLoader, _rank_and_world_size
+from fm.data.stream import ShardedArrowDataset, ShardedDataLoader
 from fm.data.tokenize import TokenizerConfig
 from fm.data.vocab import GeneVocab
+from fm.distributed import get_rank, get_world_size
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +140,7 @@ class CorpusDataModule(L.LightningDataModule):
         trainer = self.trainer
         if trainer is not None:
             return trainer.global_rank, trainer.world_size
-        return _rank_and_world_size()
+        return get_rank(), get_world_size()
 
     def train_dataloader(self) -> ShardedDataLoader:
         self.setup()

@@ -43,30 +43,13 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from fm import keys
 from fm.data.schema import CorpusError
 from fm.data.shards import REMAINDERS, EpochPlan, ShardReader, UnitIndex, batches_per_reader
-from fm.data.tokenize import CellBlock, Segments, TokenizerConfig, _empty, batch_nbytes, ranges, tokenize_block
+from fm.data.tokenize import CellBlock, Segments, TokenizerConfig, batch_nbytes, empty_shared, ranges, tokenize_block
+from fm.distributed import get_rank, get_world_size
 
 log = logging.getLogger(__name__)
 
 STATE_VERSION = 1
 _MAX_OPEN_SHARDS = 64
-
-
-def _rank_and_world_size() -> tuple[int, int]:
-    """Rank and world size of the running job ((0, 1) outside torch.distributed).
-
-    The one place the data package asks; it defers to fm.distributed when that module provides the answer.
-    """
-    try:
-        from fm.distributed import get_rank, get_world_size  # type: ignore[attr-defined]
-
-        return int(get_rank()), int(get_world_size())
-    except ImportError:
-        pass
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 def _generator(seed: list[int]) -> np.random.Generator:
@@ -158,7 +141,7 @@ class BatchRing:
             np_dtype = _NUMPY_DTYPES[dtype]
             numel = math.prod(shape)
             if used + numel * np_dtype.itemsize > self.slot_nbytes:  # not expected (tokenize's bound): sent as usual
-                return _empty(shape, dtype)
+                return empty_shared(shape, dtype)
             regions.append((used, numel, np_dtype.str))
             out = self._region(slot, used, numel, np_dtype).reshape(shape)
             used = -(-(used + numel * np_dtype.itemsize) // _ALIGN) * _ALIGN
@@ -380,7 +363,7 @@ class ShardedArrowDataset(IterableDataset):
         shuffle_buffer: cells per shuffle window (rounded up to whole batches).
         remainder: ``drop`` or ``wrap`` (fm.data.shards).
         length_bucketing: batch cells of similar length within a window (less padding).
-        rank, world_size: this process's place in the job; None asks torch.distributed (outside it: 0, 1).
+        rank, world_size: this process's place in the job; None asks fm.distributed (outside a job: 0, 1).
         num_workers: the DataLoader's workers (readers per rank); ShardedDataLoader sets it.
     """
 
@@ -397,7 +380,7 @@ class ShardedArrowDataset(IterableDataset):
         if (rank is None) != (world_size is None):
             raise ValueError("give both rank and world_size, or neither")
         if rank is None:
-            rank, world_size = _rank_and_world_size()
+            rank, world_size = get_rank(), get_world_size()
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world_size {world_size}")
         self.index, self.batch_size, self.seed = index, batch_size, seed

@@ -291,7 +291,7 @@ def _scales(block: CellBlock, cfg: TokenizerConfig) -> np.ndarray:
     return scale_2B.astype(np.float32)
 
 
-def _empty(shape: tuple[int, ...], dtype: torch.dtype) -> np.ndarray:
+def empty_shared(shape: tuple[int, ...], dtype: torch.dtype) -> np.ndarray:
     """An uninitialised array; inside a DataLoader worker, in shared memory from the start.
 
     A worker's batch tensors go to the trainer through shared memory; a tensor born there is sent as a handle, not
@@ -397,7 +397,7 @@ def tokenize_block(
     per_gene += [k for k in _OPTIONAL if k in targets]
     if alloc is None and get_worker_info() is None:  # in-process: every array in one buffer
         alloc = _carve(B * G * (4 * len(per_gene) + 8 + 1) + 3 * B * 4 + 4 * 64)
-    empty = alloc or _empty
+    empty = alloc or empty_shared
     floats_KBG = empty((len(per_gene), B, G), torch.float32)
     counts_2BG = floats_KBG[2:4]
     put(counts_2BG[0], block.spliced_N, 0)

@@ -155,3 +155,14 @@ def test_a_step_run_as_main_is_loaded_once(step, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert f"usage: python -m {step}" in proc.stdout
     assert proc.stdout.strip().splitlines()[-2:] == ["exit 0", "loaded once"], proc.stdout[-2000:]
+
+
+def test_no_private_name_is_imported_across_modules():
+    """A name shared between modules is public (no ``from fm.data.tokenize import _empty``); dunders excepted."""
+    wrong = []
+    for source, path in modules().items():
+        for node, _ in _runtime_imports(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] in PACKAGES:
+                wrong += [f"{path.relative_to(ROOT)}:{node.lineno} imports {node.module}.{a.name}" for a in node.names
+                          if a.name.startswith("_") and not a.name.startswith("__")]
+    assert not wrong, "; ".join(wrong)
