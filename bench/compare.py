@@ -300,7 +300,14 @@ def run_pancreas(workdir: Path, args) -> dict:
     from sklearn.manifold import TSNE
 
     from fm import keys
-    from fm.metrics.velocity import cross_boundary_correctness, in_cluster_coherence, knn_indices, project_velocity
+    from fm.metrics.velocity import (
+        cross_boundary_correctness,
+        embed_velocity,
+        in_cluster_coherence,
+        knn_indices,
+        transition_matrix,
+        velocity_graph,
+    )
 
     data = pancreas_corpora(workdir, args.pancreas_genes, args.pancreas_held_out, args.seed)
     corpus, adata = data["corpus"], data["adata"]
@@ -328,7 +335,7 @@ def run_pancreas(workdir: Path, args) -> dict:
                   "steady state (kNN moments)": np.where(asked, steady_state(held, smooth=True)[:, cols], 0.0)}
     velocity = {}
     for name, v_NV in velocities.items():
-        v_emb = project_velocity(x_NV, v_NV, emb, neighbours)
+        v_emb = embed_velocity(emb, transition_matrix(velocity_graph(x_NV, v_NV, neighbours)))
         per_edge, cbdir = cross_boundary_correctness(emb, v_emb, clusters, PANCREAS_EDGES, neighbours)
         velocity[name] = {"cbdir": cbdir, "iccoh": in_cluster_coherence(v_NV, clusters, neighbours)[1],
                           "per_edge": per_edge}
@@ -400,7 +407,7 @@ def markdown(sim: dict, pancreas: dict | None, args, command: str, wall_s: float
         "Pre-endocrine -> {Alpha, Beta, Delta, Epsilon} and ICCoh (fm.metrics.velocity), on each cell's stored "
         "genes (0 elsewhere). The file has no `obsm['X_umap']`: the embedding is a t-SNE (300 iterations) of 30 "
         "PCs of log1p normalised spliced counts, the kNN (30) in those PCs; velocities projected onto it as scVelo "
-        "does (fm.metrics.velocity.project_velocity).",
+        "does (fm.metrics.velocity: velocity_graph, transition_matrix, embed_velocity).",
         "",
         "| model | CBDir | ICCoh |",
         "|---|---|---|",

@@ -20,6 +20,7 @@ import logging
 from dataclasses import dataclass
 
 import numpy as np
+from sklearn.decomposition import PCA
 
 from fm import keys
 
@@ -35,20 +36,10 @@ def _dense(x) -> np.ndarray:
 
 
 def _pca(x_NF: np.ndarray, k: int) -> np.ndarray:
-    """Top-``k`` principal component scores of ``x_NF`` (sign fixed: each component's largest loading positive).
-
-    A randomized SVD (seeded) past 200 columns and rows: the full SVD of 3,696 x 2,000 takes a minute on 2 cores.
-    """
-    x = x_NF - x_NF.mean(0)
-    k = max(1, min(k, min(x.shape) - 1))
-    if min(x.shape) > 200:
-        from sklearn.utils.extmath import randomized_svd
-
-        u, sv, vt = randomized_svd(x, k, random_state=0)
-    else:
-        u, sv, vt = np.linalg.svd(x, full_matrices=False)
-    sign = np.sign(vt[np.arange(k), np.abs(vt[:k]).argmax(1)])
-    return u[:, :k] * sv[:k] * sign
+    """Top-``k`` principal component scores of ``x_NF`` (scikit-learn's PCA, seeded; its solver by shape, randomized
+    for a large matrix; sign fixed: each component's largest loading positive)."""
+    k = max(1, min(k, min(x_NF.shape) - 1))
+    return PCA(n_components=k, random_state=0).fit_transform(x_NF)
 
 
 def velocity_genes(adata, vkey: str = keys.LAYER_VELOCITY) -> np.ndarray:

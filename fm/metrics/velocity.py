@@ -20,14 +20,12 @@ VeloAE benchmark; the same code ships with UniTVelo, ``unitvelo/eval_utils.py``)
 - ``in_cluster_coherence`` (ICCoh): for each cell c, the mean over its kNN of the same cluster of cos(v_c, v_n) in
   gene space; averaged over cells per cluster, then over clusters.
   As in the reference, the kNN list includes the cell itself (scanpy's ``uns['neighbors']['indices']`` does).
-- ``project_velocity``: scVelo-style projection of gene-space velocity onto an embedding (transition probabilities
-  from the cosine between v_c and x_n - x_c over the kNN, then the expected unit displacement in the embedding minus
-  its uniform-transition mean).
-- ``velocity_graph`` -> ``transition_matrix`` -> ``embed_velocity``: the same projection as scVelo computes it
-  (``tl.velocity_graph``, ``tl.transition_matrix``, ``tl.velocity_embedding`` with their defaults): cosine
-  *correlations* (both vectors centred over genes) over the recursive kNN (neighbours of neighbours), transition
-  weights sign(cos)(exp(10|cos|) - 1) with self-transitions for cells with no good neighbour, and the expected unit
-  displacement minus the uniform one. ``project_velocity`` is the simplified form CBDir has used so far.
+- ``velocity_graph`` -> ``transition_matrix`` -> ``embed_velocity``: gene-space velocity projected onto an
+  embedding as scVelo computes it (``tl.velocity_graph``, ``tl.transition_matrix``, ``tl.velocity_embedding`` with
+  their defaults): cosine *correlations* (both vectors centred over genes) over the recursive kNN (neighbours of
+  neighbours), transition weights sign(cos)(exp(10|cos|) - 1) with self-transitions for cells with no good
+  neighbour, and the expected unit displacement minus the uniform one (fm.metrics.projection runs it on an AnnData).
+- ``knn_indices``: each cell's nearest cells (scikit-learn's exact NearestNeighbors), the cell itself first.
 
 Baseline: ``steady_state_velocity`` (v = u - gamma * s with gamma fitted per gene by least squares through the origin
 on the cells in the upper extreme quantile of s/max(s) + u/max(u), as scVelo's deterministic/steady-state model does
@@ -46,6 +44,7 @@ from collections.abc import Hashable, Sequence
 
 import numpy as np
 from scipy.stats import rankdata
+from sklearn.neighbors import NearestNeighbors
 
 log = logging.getLogger(__name__)
 
@@ -179,22 +178,20 @@ def steady_state_velocity(u_NG: np.ndarray, s_NG: np.ndarray, perc: float = 95.0
     return np.asarray(u_NG, dtype=np.float64) - gamma_G * np.asarray(s_NG, dtype=np.float64)
 
 
-def knn_indices(x_NE: np.ndarray, k: int, include_self: bool = True, chunk: int = 2048) -> np.ndarray:
-    """Indices [N, k] of each cell's k nearest cells (Euclidean), nearest first; the cell itself first if included."""
+def knn_indices(x_NE: np.ndarray, k: int, include_self: bool = True) -> np.ndarray:
+    """Indices [N, k] of each cell's k nearest cells (Euclidean, exact), nearest first; the cell itself first if
+    included, whatever ties (duplicate cells) say."""
     x = np.asarray(x_NE, dtype=np.float64)
     n = x.shape[0]
     if not 0 < k <= n - (0 if include_self else 1):
         raise ValueError(f"knn_indices: k={k} out of range for {n} cells")
-    sq = (x * x).sum(1)
-    out = np.empty((n, k), dtype=np.int64)
-    for start in range(0, n, chunk):
-        d = sq[start : start + chunk, None] + sq[None, :] - 2.0 * x[start : start + chunk] @ x.T
-        rows = np.arange(d.shape[0])
-        d[rows, start + rows] = -np.inf if include_self else np.inf  # self first (or never), whatever ties say
-        part = np.argpartition(d, k - 1, axis=1)[:, :k]
-        order = np.argsort(np.take_along_axis(d, part, 1), axis=1, kind="stable")
-        out[start : start + chunk] = np.take_along_axis(part, order, 1)
-    return out
+    others = k - 1 if include_self else k
+    # kneighbors() without a query leaves each cell out of its own list
+    nb_NK = NearestNeighbors().fit(x).kneighbors(n_neighbors=others, return_distance=False) if others else None
+    if not include_self:
+        return nb_NK.astype(np.int64)
+    self_N1 = np.arange(n, dtype=np.int64)[:, None]
+    return self_N1 if nb_NK is None else np.concatenate([self_N1, nb_NK], axis=1)
 
 
 def _cos_rows(a_ME: np.ndarray, b_E: np.ndarray) -> np.ndarray:
@@ -213,7 +210,7 @@ def cross_boundary_correctness(
 
     Args:
         x_emb_NE: cell positions in the embedding (e.g. UMAP).
-        v_emb_NE: velocity projected onto the same embedding (:func:`project_velocity`).
+        v_emb_NE: velocity projected onto the same embedding (:func:`embed_velocity`).
         clusters: cluster label of each cell.
         edges: the known transitions (A, B).
         neighbours_NK: kNN indices (:func:`knn_indices`, usually in expression PCA space).
@@ -259,29 +256,6 @@ def in_cluster_coherence(
         scores[cat.item() if hasattr(cat, "item") else cat] = float(np.mean(cell_scores)) if cell_scores else np.nan
     vals = [s for s in scores.values() if np.isfinite(s)]
     return scores, float(np.mean(vals)) if vals else float("nan")
-
-
-def project_velocity(
-    x_NG: np.ndarray, v_NG: np.ndarray, emb_NE: np.ndarray, neighbours_NK: np.ndarray, scale: float = 10.0
-) -> np.ndarray:
-    """Project gene-space velocity onto an embedding, as scVelo's ``velocity_embedding`` does (simplified).
-
-    T[c, n] = softmax over the kNN n != c of scale * cos(v_c, x_n - x_c); then
-    v_emb_c = sum_n T[c, n] u_cn - mean_n u_cn with u_cn = (e_n - e_c) / |e_n - e_c|. Returns [N, E].
-    """
-    x, v, e = (np.asarray(a, dtype=np.float64) for a in (x_NG, v_NG, emb_NE))
-    out = np.zeros_like(e)
-    for c in range(x.shape[0]):
-        nb = neighbours_NK[c][neighbours_NK[c] != c]
-        if nb.size == 0:
-            continue
-        logits = scale * _cos_rows(x[nb] - x[c], v[c])
-        t = np.exp(logits - logits.max())
-        t /= t.sum()
-        d = e[nb] - e[c]
-        d /= np.maximum(np.linalg.norm(d, axis=1, keepdims=True), _EPS)
-        out[c] = t @ d - d.mean(0)
-    return out
 
 
 # --- scVelo's velocity graph, transition matrix and embedded velocity (Bergen et al. 2020, scvelo.tl) ------------

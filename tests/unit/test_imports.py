@@ -160,7 +160,7 @@ def test_a_step_run_as_main_is_loaded_once(step, tmp_path):
 def test_no_private_name_is_imported_across_modules():
     """A name shared between modules is public (no ``from fm.data.tokenize import _empty``); dunders excepted."""
     wrong = []
-    for source, path in modules().items():
+    for path in modules().values():
         for node, _ in _runtime_imports(ast.parse(path.read_text(), str(path))):
             if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] in PACKAGES:
                 wrong += [f"{path.relative_to(ROOT)}:{node.lineno} imports {node.module}.{a.name}" for a in node.names

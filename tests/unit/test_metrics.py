@@ -15,15 +15,17 @@ from fm.metrics.embedding import (
 from fm.metrics.expression import gene_mean_imputation, hold_out_entries, imputation_error
 from fm.metrics.velocity import (
     cross_boundary_correctness,
+    embed_velocity,
     gene_spearman,
     in_cluster_coherence,
     knn_indices,
-    project_velocity,
     rate_recovery,
     scaled_cosine,
     sign_accuracy,
     steady_state_gamma,
     steady_state_velocity,
+    transition_matrix,
+    velocity_graph,
 )
 
 
@@ -105,6 +107,17 @@ def test_knn_indices_self_first():
     d = ((x[:, None] - x[None]) ** 2).sum(-1)
     np.testing.assert_array_equal(nb[:, 1:], np.argsort(d, 1)[:, 1:5])
     assert not (knn_indices(x, 4, include_self=False) == np.arange(30)[:, None]).any()
+    np.testing.assert_array_equal(knn_indices(x, 4, include_self=False), nb[:, 1:5])
+    assert (knn_indices(x, 1) == np.arange(30)[:, None]).all()
+    with pytest.raises(ValueError, match="k=30 out of range"):
+        knn_indices(x, 30, include_self=False)
+
+
+def test_knn_indices_put_the_cell_itself_first_among_duplicates():
+    x = np.repeat(np.random.default_rng(4).normal(size=(10, 3)), 3, axis=0)  # every cell three times
+    nb = knn_indices(x, 3)
+    assert (nb[:, 0] == np.arange(30)).all()
+    assert (nb[:, 1:] // 3 == np.arange(30)[:, None] // 3).all()  # then its two copies
 
 
 def test_cbdir_forward_and_reversed():
@@ -130,14 +143,16 @@ def test_iccoh():
     assert set(scores) == {"A", "B"} and -1.0 < mean < 0.5  # self (+1) and alternating neighbours
 
 
-def test_project_velocity_direction():
-    x, clusters = _line()
-    emb = np.c_[x[:, 0], np.zeros(40)]
+def test_cbdir_of_the_scvelo_projection_along_a_line():
+    t, clusters = _line()
+    d = np.random.default_rng(1).standard_normal(20)  # varies across genes: a common shift carries no direction
+    x = 5.0 + t * d + 0.01 * np.random.default_rng(2).standard_normal((40, 20))
+    emb = np.c_[t[:, 0], np.zeros(40)]
     nb = knn_indices(x, 6)
-    v_emb = project_velocity(x, np.ones_like(x), emb, nb)
-    inner = slice(5, 35)  # away from the ends, where the uniform-mean correction is exact
-    assert (v_emb[inner, 0] > 0.5).all()
+    v_emb = embed_velocity(emb, transition_matrix(velocity_graph(x, np.tile(d, (40, 1)), nb)))
+    assert (v_emb[5:35, 0] > 0).all()
     assert cross_boundary_correctness(emb, v_emb, clusters, [("A", "B")], nb)[1] == pytest.approx(1.0)
+    assert cross_boundary_correctness(emb, -v_emb, clusters, [("A", "B")], nb)[1] == pytest.approx(-1.0)
 
 
 # --- imputation ----------------------------------------------------------------------------------------------------
