@@ -1,7 +1,7 @@
 """The day-one path on real data, through the `fm` command only: pancreas -> corpus -> pretrain -> fine-tune velocity
-(self-supervised, kinetic: there is no truth) -> export -> predict -> evaluate (CBDir/ICCoh) -> plot.
+(self-supervised dynamical model: there is no truth) -> export -> predict -> evaluate (CBDir/ICCoh) -> plot.
 
-    nice python bench/pancreas_release.py --workdir runs/pancreas        # CPU: ~30-60 min on 2 busy cores
+    OMP_NUM_THREADS=1 python bench/pancreas_release.py --workdir runs/pancreas   # CPU: ~15-30 min on 2 cores
     python bench/pancreas_release.py --workdir /tmp/p --pretrain-steps 4 --finetune-steps 4 --no-write --figure p.png
 
 Every stage is one `fm` command, printed before it runs, so the log is also a recipe. The figure goes to
@@ -32,7 +32,7 @@ from bench.report import record  # noqa: E402
 
 INTRO = (
     "The pancreas file through `fm` commands only (`bench/pancreas_release.py`): convert, pretrain the debug "
-    "encoder, fine-tune the velocity head self-supervised (kinetic), export, predict on all cells and genes, and "
+    "encoder, fine-tune the velocity head self-supervised (its default dynamical mode), export, predict on all cells and genes, and "
     "score with `fm evaluate --transitions pancreas` (CBDir over Ductal -> Ngn3 low EP -> Ngn3 high EP -> "
     "Pre-endocrine -> Alpha/Beta/Delta/Epsilon, ICCoh, ARI of X_fm against the clusters), beside the steady-state "
     "baseline scored by the same command."
@@ -69,9 +69,9 @@ def run(workdir: Path, pretrain_steps: int, finetune_steps: int, max_genes: int,
     seconds["convert"] = fm("prep", "convert", str(PANCREAS), "--out", str(corpus), "--no-progress")
     seconds["pretrain"] = fm("pretrain", f"data.corpus={corpus}", "model=debug", f"output_dir={workdir / 'pretrain'}",
                              f"trainer.max_steps={pretrain_steps}", *common)
-    seconds["finetune"] = fm("finetune", "head=velocity", "head.mode=kinetic", f"data.corpus={corpus}",
+    seconds["finetune"] = fm("finetune", "head=velocity", f"data.corpus={corpus}",
                              f"checkpoint={workdir / 'pretrain' / 'checkpoints' / 'last.ckpt'}",
-                             "task.finetune.encoder=full", f"output_dir={workdir / 'finetune'}",
+                             f"output_dir={workdir / 'finetune'}",
                              f"trainer.max_steps={finetune_steps}", *common)
     seconds["export"] = fm("export", str(workdir / "finetune" / "checkpoints" / "last.ckpt"), "--out",
                            str(workdir / "release"))
@@ -79,7 +79,7 @@ def run(workdir: Path, pretrain_steps: int, finetune_steps: int, max_genes: int,
     seconds["predict"] = fm("predict", "--checkpoint", str(workdir / "release"), "--input", str(PANCREAS),
                             "--output", str(predicted), "--overwrite")
     metrics = {}
-    for name, path in (("fm (kinetic)", predicted), ("steady state", steady_state_file(workdir))):
+    for name, path in (("fm (dynamical head)", predicted), ("steady state", steady_state_file(workdir))):
         out = workdir / f"{path.stem}.metrics.json"
         fm("evaluate", str(path), "--transitions", "pancreas", "--out", str(out))
         metrics[name] = json.loads(out.read_text())
@@ -94,7 +94,7 @@ def markdown(r: dict, args: argparse.Namespace, command: str) -> str:
     s = r["seconds"]
     lines = [f"### {datetime.date.today().isoformat()}, {machine}", "",
              f"`{command}`: debug encoder, max_genes {args.max_genes}, pretraining {args.pretrain_steps} steps "
-             f"({s['pretrain']:.0f} s), kinetic fine-tuning {args.finetune_steps} steps ({s['finetune']:.0f} s), "
+             f"({s['pretrain']:.0f} s), dynamical fine-tuning (warm start, then {args.finetune_steps} steps) ({s['finetune']:.0f} s), "
              f"`fm predict` on 3,696 cells x 2,000 genes {s['predict']:.0f} s (CPU).", "",
              "| velocity | CBDir (mean of 7 transitions) | ICCoh (mean) | ARI of X_fm |", "|---|---|---|---|"]
     for name, m in r["metrics"].items():
@@ -111,8 +111,8 @@ def markdown(r: dict, args: argparse.Namespace, command: str) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", type=Path, default=REPO / "runs" / "pancreas")
-    parser.add_argument("--pretrain-steps", type=int, default=300)
-    parser.add_argument("--finetune-steps", type=int, default=300)
+    parser.add_argument("--pretrain-steps", type=int, default=100)
+    parser.add_argument("--finetune-steps", type=int, default=100)
     parser.add_argument("--max-genes", type=int, default=512)
     parser.add_argument("--figure", type=Path, default=REPO / "docs" / "img" / "pancreas_velocity.png")
     parser.add_argument("--no-write", action="store_true", help="print only, leave docs/BENCHMARKS.md alone")

@@ -45,7 +45,7 @@ def random_release(out: Path, preset: str, vocab: GeneVocab, max_genes: int) -> 
 
     torch.manual_seed(0)
     cfg = model_config(preset, len(vocab))
-    head = VelocityConfig()
+    head = VelocityConfig(mode="supervised")  # the decoder's cost (the dynamical head has no decoder)
     task = FinetuneTask(cfg, head, vocab_hash=vocab.hash)
     ckpt = {
         CKPT_KEY: {"model_config": cfg.to_dict(), "head": "velocity", "vocab_hash": vocab.hash},

@@ -12,7 +12,11 @@ compares the velocity models and not the preprocessing (docs/VELOCITY.md measure
   .dynamical hands it fm's normalised layers, moments and graph; one job);
 - scVelo stochastic: the package's ``tl.velocity(mode='stochastic')`` on the same AnnData;
 - fm steady_state and fm stochastic (fm.velocity.teachers, equal to scVelo's by design), and fm_dynamical
-  (fm.velocity.dynamical).
+  (fm.velocity.dynamical);
+- fm head (dynamical): the velocity decoder's self-supervised dynamical objective through fm's own commands, as a user
+  runs it on a file with no truth: convert (the same neighbourhood settings), pretrain the debug encoder one step,
+  fine-tune ``head=velocity`` (its default mode) ``--head-steps`` steps, export, ``fm predict`` on the file; its
+  seconds are the whole path (conversion and prediction included), its velocity genes the ones it fits.
 
 Simulations: scVelo's own simulator (``scvelo.datasets.simulation``) as raw counts with given size factors
 (bench.velocity_teachers.simulate_counts, the recipe of docs/VELOCITY.md; time spans 25 and 50); scored against
@@ -101,9 +105,51 @@ METHODS: dict[str, Callable] = {
 }
 
 
-def run_methods(nb, s, u, ncfg, names) -> dict[str, tuple[np.ndarray, np.ndarray, float]]:
+HEAD = "fm head (dynamical)"
+
+
+def head_pipeline(adata, ncfg, steps: int) -> tuple[np.ndarray, np.ndarray]:
+    """fm's commands on a raw-count AnnData (module docstring): velocity [N, G] and its velocity genes."""
+    import tempfile
+
+    import anndata as ad
+
+    from data_prep.convert import convert
+    from data_prep.targets import TargetConfig
+    from fm import finetune, keys, train
+    from fm.checkpoint import export, load_pretrained
+    from fm.predict import predict
+
+    with tempfile.TemporaryDirectory(prefix="fm-velocity-head-") as tmp:
+        tmp = Path(tmp)
+        a = ad.AnnData(X=adata.layers["spliced"], obs=adata.obs[[c for c in adata.obs if c == keys.SIZE_FACTOR]],
+                       var=adata.var[[]], layers={k: adata.layers[k] for k in ("spliced", "unspliced")})
+        a.write_h5ad(tmp / "data.h5ad")
+        sf = keys.SIZE_FACTOR if ncfg.normalization == "size_factor" else None
+        convert([tmp / "data.h5ad"], tmp / "corpus", neighbours=ncfg, progress=False,
+                targets=TargetConfig(velocity_layer=None, velocity_u_layer=None, size_factor_key=sf))
+        data = [f"data.corpus={tmp / 'corpus'}", f"data.max_genes={a.n_vars}",
+                f"data.normalization={ncfg.normalization}", "data.num_workers=0", "data.val_fraction=0.0",
+                "trainer.limit_val_batches=0", "logger=csv", "trainer.enable_progress_bar=false"]
+        pretrained = tmp / "pre" / "checkpoints" / "last.ckpt"
+        train.run(train.compose([*data, "model=debug", f"output_dir={tmp / 'pre'}", "trainer.max_steps=1"]))
+        finetune.run(train.compose([*data, f"output_dir={tmp / 'ft'}", f"checkpoint={pretrained}", "head=velocity",
+                                    f"trainer.max_steps={steps}"], "finetune"))
+        export(tmp / "ft" / "checkpoints" / "last.ckpt", tmp / "release")
+        out = predict(load_pretrained(tmp / "release"), a, progress=False)
+    return np.asarray(out.layers[keys.LAYER_VELOCITY], np.float32), out.var[keys.VAR_VELOCITY_GENES].to_numpy(bool)
+
+
+def run_methods(nb, s, u, ncfg, names, adata=None,
+                head_steps: int = 100) -> dict[str, tuple[np.ndarray, np.ndarray, float]]:
     out = {}
     for name in names:
+        if name == HEAD:
+            t0 = time.perf_counter()
+            v, vg = head_pipeline(adata, ncfg, head_steps)
+            out[name] = (v, vg & np.isfinite(v).all(0), time.perf_counter() - t0)
+            log.info("%s: %d velocity genes in %.1f s", name, out[name][1].sum(), out[name][2])
+            continue
         t0 = time.perf_counter()
         v, vg = METHODS[name](nb, s, u, ncfg)
         out[name] = (v, vg & np.isfinite(v).all(0), time.perf_counter() - t0)
@@ -112,7 +158,7 @@ def run_methods(nb, s, u, ncfg, names) -> dict[str, tuple[np.ndarray, np.ndarray
 
 
 # --- simulations -------------------------------------------------------------------------------------------------
-def simulation_rows(size: str, seed: int, names, t_max: float = 25.0) -> list[dict]:
+def simulation_rows(size: str, seed: int, names, t_max: float = 25.0, head_steps: int = 100) -> list[dict]:
     from bench.velocity_teachers import score, simulate_counts
     from fm.velocity.neighbours import NeighbourConfig, neighbourhood
 
@@ -121,7 +167,7 @@ def simulation_rows(size: str, seed: int, names, t_max: float = 25.0) -> list[di
     ncfg = NeighbourConfig(normalization="size_factor")
     nb, s, u = neighbourhood(a.layers["spliced"], a.layers["unspliced"], ncfg, a.obs["size_factor"].to_numpy(),
                              where=f"sim {size} seed {seed}")
-    res = run_methods(nb, s, u, ncfg, names)
+    res = run_methods(nb, s, u, ncfg, names, a, head_steps)
     truth = np.asarray(a.layers["velocity_true"])
     ref = res["scVelo dynamical"][1] if "scVelo dynamical" in res else np.ones(n_genes, bool)
     rows = []
@@ -133,7 +179,7 @@ def simulation_rows(size: str, seed: int, names, t_max: float = 25.0) -> list[di
 
 
 # --- pancreas ------------------------------------------------------------------------------------------------------
-def pancreas_rows(names) -> list[dict]:
+def pancreas_rows(names, head_steps: int = 100) -> list[dict]:
     import anndata as ad
 
     from fm.metrics.projection import embedding_2d, expression_space, project_onto_embedding
@@ -143,7 +189,7 @@ def pancreas_rows(names) -> list[dict]:
     adata = ad.read_h5ad(PANCREAS)
     ncfg = NeighbourConfig()
     nb, s, u = neighbourhood(adata.layers["spliced"], adata.layers["unspliced"], ncfg, where=str(PANCREAS))
-    res = run_methods(nb, s, u, ncfg, names)
+    res = run_methods(nb, s, u, ncfg, names, adata, head_steps)
     labels = np.asarray(adata.obs["clusters"].astype(str))
     neighbourhood_ = expression_space(adata, 30)
     emb, _ = embedding_2d(adata, None, neighbourhood_[1])
@@ -177,7 +223,7 @@ def markdown(sim: list[dict], pancreas: list[dict], command: str, wall_s: float,
              f"{__import__('scvelo').__version__}", "", f"`{command}` ({wall_s / 60:.1f} min)", ""]
     if sim:
         by = {(r["data"], r["method"]): r for r in sim}
-        pair = [m for m in ("scVelo dynamical", "fm_dynamical") if any(k[1] == m for k in by)]
+        pair = [m for m in ("scVelo dynamical", "fm_dynamical", HEAD) if any(k[1] == m for k in by)]
         lines += ["| simulation | genes | " + " | ".join(f"{m}: Spearman / cosine / sign" for m in pair)
                   + " | s (" + " / ".join(pair) + ") |", "|---" * (3 + len(pair)) + "|"]
         for data in dict.fromkeys(r["data"] for r in sim):
@@ -204,7 +250,7 @@ def markdown(sim: list[dict], pancreas: list[dict], command: str, wall_s: float,
                   f"| {r['seconds']:.1f} |" for r in pancreas]
         lines += ["", "CBDir per transition: " + "; ".join(
             f"{r['method']}: " + ", ".join(f"{a}>{b} {s:.2f}" for (a, b), s in r["edges"].items())
-            for r in pancreas if r["method"] in ("scVelo dynamical", "fm_dynamical")) + "."]
+            for r in pancreas if r["method"] in ("scVelo dynamical", "fm_dynamical", HEAD)) + "."]
     return "\n".join(lines)
 
 
@@ -214,7 +260,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2], help="simulation seeds (tuned on 100-101)")
     p.add_argument("--t-max", nargs="+", type=float, default=[25.0, 50.0],
                    help="simulated time spans (parameter sets: 50 leaves more cells near the steady states)")
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    p.add_argument("--methods", nargs="+", default=[*METHODS, HEAD], choices=[*METHODS, HEAD])
+    p.add_argument("--head-steps", type=int, default=100, help=f"fine-tuning steps of '{HEAD}'")
     p.add_argument("--no-pancreas", action="store_true")
     p.add_argument("--scale", nargs="*", default=[], metavar="CELLSxGENES",
                    help="also time fm_dynamical alone on these simulation sizes (seed 7)")
@@ -227,8 +274,8 @@ def main(argv: list[str] | None = None) -> int:
     warnings.simplefilter("ignore")
     t0 = time.perf_counter()
     sim = [r for t_max in args.t_max for size in args.sizes for seed in args.seeds
-           for r in simulation_rows(size, seed, args.methods, t_max)]
-    pancreas = [] if args.no_pancreas else pancreas_rows(args.methods)
+           for r in simulation_rows(size, seed, args.methods, t_max, args.head_steps)]
+    pancreas = [] if args.no_pancreas else pancreas_rows(args.methods, args.head_steps)
     scale = [r for size in args.scale for r in scale_rows(size)]
     text = markdown(sim, pancreas, "python -m bench.velocity " + " ".join(argv if argv is not None else sys.argv[1:]),
                     time.perf_counter() - t0, scale)

@@ -5,8 +5,9 @@
 
 Stages: simulate a training dataset and a held-out one (same genes, kinetics jittered by 5 %, other cells and seed)
 → convert the training one into a corpus → validate it → stream a few batches → pretrain the debug encoder
-(contrastive) → fine-tune the velocity decoder (supervised on the simulated ds/dt) → export a release → predict on
-the held-out file (velocity, embedding) → evaluate against its true velocity → plot velocity on the simulator's 2-D
+(contrastive) → fine-tune the velocity decoder (self-supervised: the dynamical model of the moments, no truth read)
+→ export a release → predict on the held-out file (velocity, confidence, latent time, embedding) → evaluate against
+its true velocity → plot velocity on the simulator's 2-D
 embedding and the loss curves. Every stage calls the same function its own subcommand does (`fm prep simulate`,
 `fm prep convert`, `fm pretrain`, `fm finetune`, `fm export`, `fm predict`, `fm evaluate`, `fm plot`), so the
 demo is also the smoke test of the whole pipeline. Outputs land under ``--out``; the last lines say where. The step
@@ -93,10 +94,11 @@ def _model_stages(out: Path, corpus: Path, heldout: Path, *, genes: int, seed: i
     log.info("  final metrics: %s", {k: round(v, 4) for k, v in sorted(result["metrics"].items())})
     paths["pretrain run"] = pretrain_dir
 
-    log.info("[6/10] fine-tune the velocity decoder (supervised) for %d steps -> %s", finetune_steps, finetune_dir)
+    log.info("[6/10] fine-tune the velocity decoder (self-supervised dynamical model) for %d steps -> %s",
+             finetune_steps, finetune_dir)
     result = finetune.run(train.compose(
         [*data, f"output_dir={finetune_dir}", f"checkpoint={pretrain_dir / 'checkpoints' / 'last.ckpt'}",
-         "head=velocity", "task.finetune.encoder=full", f"trainer.max_steps={finetune_steps}"], "finetune"))
+         "head=velocity", f"trainer.max_steps={finetune_steps}"], "finetune"))
     log.info("  final metrics: %s", {k: round(v, 4) for k, v in sorted(result["metrics"].items())})
     paths["finetune run"] = finetune_dir
 

@@ -50,6 +50,7 @@ UNS_FM = "fm"
 # outputs of fm predict (fm/predict.py; docs/RELEASE.md "Predict"): float32 cells x genes aligned to the input's var,
 # NaN at genes outside the vocabulary
 LAYER_VELOCITY_U = "velocity_u"  # predicted du/dt
+LAYER_VELOCITY_CONFIDENCE = "velocity_confidence"  # per cell and gene, in (0, 1] (scVelo's and veloVI's name)
 LAYER_ALPHA = "fm_alpha"  # predicted per cell-gene transcription rate
 LAYER_BETA = "fm_beta"  # predicted per cell-gene splicing rate
 LAYER_GAMMA = "fm_gamma"  # predicted per cell-gene degradation rate

@@ -167,6 +167,7 @@ class _Plan:
     model: Pretrained
     tokenizer: TokenizerConfig
     layers: dict[str, str] = field(default_factory=dict)  # head output -> layer
+    obs: dict[str, str] = field(default_factory=dict)  # per-cell head output -> obs column
 
     @property
     def moments(self) -> bool:
@@ -186,6 +187,7 @@ def _plans(models: list[Pretrained], max_genes: int | None) -> list[_Plan]:
         plan = _Plan(model, tokenizer_for(model, max_genes if model.encoder is not None else len(model.vocab)))
         if model.head is not None:
             plan.layers = {name: out.layer for name, out in model.head.predict_layers().items()}
+            plan.obs = {name: out.layer for name, out in model.head.predict_obs().items()}
             if not plan.layers:
                 log.warning("%s: a %s head; fm predict writes no layer for it%s", model.path, model.head_name,
                             " (the embedding only)" if i == 0 else " (nothing)")
@@ -231,12 +233,17 @@ def _check_free(adata: anndata.AnnData, plans: list[_Plan], source: str, overwri
 
 
 # --- the input's neighbourhood --------------------------------------------------------------------------------------
-MOMENT_DOCS = {
-    keys.LAYER_MS: "first-order moment of spliced over the cell's neighbours (fm.velocity.neighbours), normalised and "
-                   "log1p'd as the model's inputs: the units of layers['velocity'], so scVelo's velocity_graph reads "
-                   "both as they are; NaN outside the vocabulary",
-    keys.LAYER_MU: "the same for unspliced",
-}
+def moment_docs(log1p: bool) -> dict[str, str]:
+    """What ``layers['Ms']``/``['Mu']`` hold: the units of the velocity, log1p'd as the model's inputs or not."""
+    how = "normalised and log1p'd as the model's inputs" if log1p else "normalised (counts per target_sum of library)"
+    return {
+        keys.LAYER_MS: f"first-order moment of spliced over the cell's neighbours (fm.velocity.neighbours), {how}: the "
+                       "units of layers['velocity'], so scVelo's velocity_graph reads both as they are; NaN outside "
+                       "the vocabulary",
+        keys.LAYER_MU: "the same for unspliced",
+    }
+
+
 GRAPH_FIELDS = (("obsp", "distances"), ("obsp", "connectivities"), ("uns", "neighbors"), ("obsm", "X_pca"))
 
 
@@ -275,7 +282,7 @@ def input_neighbourhood(s, u, genes: GeneMap, cfg: NeighbourConfig, size_factor:
 
 
 def write_neighbourhood(out: anndata.AnnData, adata: anndata.AnnData, nb: Neighbourhood | None, cfg: NeighbourConfig,
-                        genes: GeneMap, tokenizer: TokenizerConfig) -> bool:
+                        genes: GeneMap, tokenizer: TokenizerConfig, log1p: bool = True) -> bool:
     """``layers['Ms']``/``['Mu']`` in the velocity's units and, when the input has no neighbours graph of its own,
     scanpy's graph fields (True when written): what scVelo's velocity_graph and stream plots read."""
     from fm.data.tokenize import moment_scale
@@ -285,7 +292,8 @@ def write_neighbourhood(out: anndata.AnnData, adata: anndata.AnnData, nb: Neighb
         return False
     for layer, m in ((keys.LAYER_MS, nb.Ms), (keys.LAYER_MU, nb.Mu)):
         full = np.full(out.shape, np.nan, np.float32)
-        full[:, genes.columns_M] = np.log1p(m.toarray() * np.float32(moment_scale(tokenizer)))
+        x = m.toarray() * np.float32(moment_scale(tokenizer))
+        full[:, genes.columns_M] = np.log1p(x) if log1p else x
         out.layers[layer] = full
     theirs = [f"{where}['{name}']" for where, name in GRAPH_FIELDS if name in getattr(adata, where)]
     if theirs:
@@ -373,6 +381,9 @@ def _run_head(plan: _Plan, tensors: dict, enc, block: CellBlock, genes: GeneMap,
             continue
         for name, layer in plan.layers.items():
             out[layer][a:b, cols] = pred[name].float().cpu().numpy()
+        if j0 == 0:  # per-cell outputs: the same in every chunk
+            for name, column in plan.obs.items():
+                out[column][a:b] = pred[name].float().cpu().numpy()
     for name, logits_BM in logits.items():  # softmax over all of the cell's queried genes
         mu_BM = expected_counts(torch.from_numpy(logits_BM), torch.ones(B, M, dtype=torch.bool),
                                 tensors[LIBRARY_KEYS[name]].float().cpu())
@@ -457,6 +468,7 @@ def predict(models: Pretrained | Sequence[Pretrained], adata: anndata.AnnData, *
     vocab_to_m = np.full(len(vocab), -1, np.int64)
     vocab_to_m[genes.vocab_ids_M] = np.arange(M)
     layers = {layer: np.full((N, V), np.nan, np.float32) for p in plans for layer in p.layers.values()}
+    obs = {column: np.full(N, np.nan, np.float32) for p in plans for column in p.obs.values()}
     embedding, fusion = None, None
     cell_ids = [str(c) for c in adata.obs_names]
     n_empty = n_truncated = 0
@@ -489,7 +501,7 @@ def predict(models: Pretrained | Sequence[Pretrained], adata: anndata.AnnData, *
                     embedding[a:b] = enc.z_global.float().cpu().numpy()
                     fusion[a:b] = enc.z_fusion.float().cpu().numpy()
                 if plan.layers:
-                    _run_head(plan, tensors, enc, block, genes, vocab_to_m, layers, a, b)
+                    _run_head(plan, tensors, enc, block, genes, vocab_to_m, {**layers, **obs}, a, b)
             bar.advance(task, b - a)
     if n_empty:
         log.warning("%s: %d of %d cells have no count in any vocabulary gene; their outputs come from the fusion "
@@ -502,14 +514,18 @@ def predict(models: Pretrained | Sequence[Pretrained], adata: anndata.AnnData, *
     out = adata.copy()
     for layer, values in layers.items():
         out.layers[layer] = values
+    for column, values in obs.items():
+        out.obs[column] = values
     if embedding is not None:  # the first model has an encoder (a baseline's release has none)
         out.obsm[keys.OBSM_EMBEDDING] = embedding
         out.obsm[keys.OBSM_FUSION] = fusion
     out.var[keys.VAR_FM_IN_VOCAB] = genes.in_vocab_V
-    wrote_graph = write_neighbourhood(out, adata, nb, nb_cfg, genes, plans[0].tokenizer)
+    units = {getattr(p.model.head, "moment_units", "log1p") for p in plans if keys.LAYER_VELOCITY in p.layers.values()}
+    wrote_graph = write_neighbourhood(out, adata, nb, nb_cfg, genes, plans[0].tokenizer,
+                                      log1p=units != {"normalised"})
     wrote_velocity_genes = keys.LAYER_VELOCITY in layers and keys.VAR_VELOCITY_GENES not in adata.var.columns
-    if wrote_velocity_genes:
-        out.var[keys.VAR_VELOCITY_GENES] = genes.in_vocab_V
+    if wrote_velocity_genes:  # in the vocabulary, with a velocity in every cell (a dynamical head: the fitted genes)
+        out.var[keys.VAR_VELOCITY_GENES] = genes.in_vocab_V & np.isfinite(layers[keys.LAYER_VELOCITY]).all(0)
     mapping = genes.mapping
     out.uns[keys.UNS_FM] = _h5ad_safe({
         "fm_version": __version__,
@@ -528,12 +544,15 @@ def predict(models: Pretrained | Sequence[Pretrained], adata: anndata.AnnData, *
                           "graph_written": wrote_graph},
         "n_cells_truncated": n_truncated,
         "n_cells_without_counts": n_empty,
-        "layers": {**_layer_docs(plans), **(MOMENT_DOCS if nb is not None else {})},
+        "layers": {**_layer_docs(plans), **(moment_docs(units != {"normalised"}) if nb is not None else {})},
+        "obs": {out.layer: out.doc for p in plans if p.model.head is not None
+                for out in p.model.head.predict_obs().values()},
         "obsm": {keys.OBSM_EMBEDDING: "the first model's encoder z_global (cell summary)",
                  keys.OBSM_FUSION: "the first model's encoder z_fusion (mean fusion token)"} if embedding is not None
         else {},
         "var": {keys.VAR_FM_IN_VOCAB: "the gene maps onto the vocabulary (outputs are NaN elsewhere)",
-                **({keys.VAR_VELOCITY_GENES: "= fm_in_vocab (written because the input had none)"}
+                **({keys.VAR_VELOCITY_GENES: "fm_in_vocab and a finite velocity in every cell (written because the "
+                                             "input had none)"}
                    if wrote_velocity_genes else {})},
     })
     return out

@@ -155,6 +155,21 @@ class CorpusDataModule(L.LightningDataModule):
             self._stream_state = None
         return self._train_loader
 
+    def sample_batches(self, n_cells: int):
+        """Batches of about ``n_cells`` training cells, shuffled (``seed``), read in this process by a stream of its own
+        (the training loader and its resumable state are untouched): what a head warm-starts on."""
+        self.setup()
+        cfg = self.config
+        ds = ShardedArrowDataset(self.train_index, batch_size=cfg.batch_size, tokenizer=cfg.tokenizer, seed=cfg.seed,
+                                 shuffle=True, shuffle_buffer=cfg.shuffle_buffer, remainder="wrap", rank=0,
+                                 world_size=1)
+        n = 0
+        for batch in ShardedDataLoader(ds, num_workers=0, fixed_epoch=0):
+            yield batch
+            n += batch[keys.B_GENE_MASK].shape[0]
+            if n >= n_cells:
+                return
+
     def val_dataloader(self):
         self.setup()
         cfg = self.config

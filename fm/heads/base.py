@@ -104,6 +104,10 @@ class Head(nn.Module):
         """Output name -> the layer ``fm predict`` writes it to (default: none; the head is not predicted with)."""
         return {}
 
+    def predict_obs(self) -> dict[str, PredictLayer]:
+        """Per-cell output name ([B]) -> the ``obs`` column ``fm predict`` writes it to (default: none)."""
+        return {}
+
     def prepare(self, batch: dict, generator: torch.Generator | None = None) -> dict:
         """Return the batch the encoder should see (default: unchanged)."""
         return batch

@@ -162,8 +162,9 @@ class FinetuneTask(L.LightningModule):
     def init_encoder(self, state: dict, source: str = "checkpoint") -> None:
         """Load encoder weights (from :func:`load_encoder_state`); seed the head's gene table from them."""
         self.encoder.load_state_dict(state)
-        if self.finetune_config.init_queries:
-            table = self.head.decoder.gene_queries if hasattr(self.head, "decoder") else self.head.gene_embedding
+        table = getattr(self.head, "decoder", None)
+        table = table.gene_queries if table is not None else getattr(self.head, "gene_embedding", None)
+        if self.finetune_config.init_queries and table is not None:  # a head without a gene table has none to seed
             table.weight.copy_(self.encoder.gene_embedding.weight)
         log.info("encoder loaded from %s (%s; %s head)", source, self.finetune_config.encoder, self.head_name)
 
@@ -201,12 +202,10 @@ class FinetuneTask(L.LightningModule):
         # the head at optim.lr, the trainable encoder at finetune.encoder_lr, one warmup-cosine schedule for both
         c = self.optim_config
         total = c.total_steps or int(self.trainer.estimated_stepping_batches)
-        groups = [
-            {**group, "lr": lr}
-            for module, lr in ((self.head, c.lr), (self.encoder, self.finetune_config.encoder_lr))
-            for group in param_groups(module, c.weight_decay)
-            if group["params"]
-        ]
+        head_groups = (self.head.optim_groups(c.lr, c.weight_decay) if hasattr(self.head, "optim_groups")
+                       else [{**g, "lr": c.lr} for g in param_groups(self.head, c.weight_decay) if g["params"]])
+        groups = head_groups + [{**g, "lr": self.finetune_config.encoder_lr}
+                                for g in param_groups(self.encoder, c.weight_decay) if g["params"]]
         opt = torch.optim.AdamW(groups, lr=c.lr, betas=(c.beta1, c.beta2), eps=c.eps)
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda step: warmup_cosine(step, c.warmup_steps, total, c.min_lr_ratio)
@@ -214,10 +213,29 @@ class FinetuneTask(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def on_fit_start(self) -> None:
+        self._warm_start_head()
         n_train = sum(p.numel() for p in self.encoder.parameters() if p.requires_grad)
         if self.trainer.is_global_zero:
             log.info("fine-tuning the %s head; encoder %s: %s of %s parameters train", self.head_name,
                      self.finetune_config.encoder, f"{n_train:,}", f"{self.encoder.num_parameters():,}")
+
+    def _warm_start_head(self) -> None:
+        """A head that fits per-gene parameters (the velocity head's dynamical mode) is warm-started on a sample of
+        training cells before the first step, on rank 0, and the result broadcast to every rank; skipped when they are
+        already fitted (a resumed run, or an init checkpoint that had them)."""
+        if not (hasattr(self.head, "needs_warm_start") and self.head.needs_warm_start()):
+            return
+        state = None
+        if self.trainer.is_global_zero:
+            dm = self.trainer.datamodule
+            if dm is None or not hasattr(dm, "sample_batches"):
+                raise ValueError(f"the {self.head_name} head needs a warm start from the training corpus: fit with a "
+                                 "CorpusDataModule (fm finetune data.corpus=...)")
+            state = self.head.warm_start(dm.sample_batches(self.head.config.warm_start_cells))
+        state = self.trainer.strategy.broadcast(state, src=0)
+        result = self.head.load_state_dict({k: v.to(self.device) for k, v in state.items()}, strict=False)
+        if result.unexpected_keys:
+            raise KeyError(f"{self.head_name} head warm start: unexpected entries {result.unexpected_keys}")
 
     # --- checkpoints ---------------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:

@@ -107,6 +107,13 @@ class DynamicalFit:
     t_switch: np.ndarray  # [G] switch to repression on the clock (scVelo's t_)
     r2: np.ndarray  # [G] 1 - residual / total variance of (Mu, Ms) scaled, averaged over the two
     loss: float  # final mean negative log-likelihood per cell and gene
+    # the model in its own units (u = Mu / scale_u, s = Ms / scale_s): the free parameters by name (PARAMS) and the
+    # noise sd of each modality [G], as the velocity decoder's dynamical mode holds them
+    params: dict[str, np.ndarray] | None = None
+    scale_u: np.ndarray | None = None
+    scale_s: np.ndarray | None = None
+    sd_u: np.ndarray | None = None
+    sd_s: np.ndarray | None = None
 
 
 # --- the analytic solution ---------------------------------------------------------------------------------------
@@ -125,8 +132,36 @@ def solve(tau, u0, s0, alpha, beta, gamma):
     return u, s
 
 
+PARAMS = ("log_alpha", "logit_off", "log_beta", "log_gamma", "log_rho", "t0", "log_dur")  # per gene, in this order
+
+
+def kinetic_rates(log_alpha, logit_off, log_beta, log_gamma, log_rho, t0, log_dur):
+    """The rates, scaling, onset and switch of the free parameters (any shapes that broadcast):
+    (alpha_on, alpha_off, beta, gamma, rho, t0, t_switch)."""
+    alpha = log_alpha.exp()
+    off = alpha * torch.sigmoid(logit_off)
+    return alpha, off, log_beta.exp(), log_gamma.exp(), log_rho.exp(), t0, t0 + log_dur.exp()
+
+
+def switching_state(t, log_alpha, logit_off, log_beta, log_gamma, log_rho, t0, log_dur):
+    """(u_obs, s_obs, u, s, alpha_t) at clock times ``t``, broadcast against the per-gene parameters: the
+    observed-scale state (rho u, s), the model state, and the transcription rate in force (alpha_on between the onset
+    and the switch, alpha_off otherwise)."""
+    alpha, alpha_off, beta, gamma, rho, t0, ts = kinetic_rates(log_alpha, logit_off, log_beta, log_gamma, log_rho,
+                                                               t0, log_dur)
+    u_off, s_off = alpha_off / beta, alpha_off / gamma
+    dur = ts - t0
+    tau = t - t0
+    u_sw, s_sw = solve(dur, u_off, s_off, alpha, beta, gamma)
+    u_i, s_i = solve(tau.clamp(min=0), u_off, s_off, alpha, beta, gamma)
+    u_r, s_r = solve((tau - dur).clamp(min=0), u_sw, s_sw, alpha_off, beta, gamma)
+    on = tau < dur
+    u, s = torch.where(on, u_i, u_r), torch.where(on, s_i, s_r)
+    return rho * u, s, u, s, torch.where(on & (tau >= 0), alpha, alpha_off)
+
+
 class GeneKinetics:
-    """Per-gene parameters [G] (torch leaves) and the state at given clock times."""
+    """Per-gene parameters [G] (torch leaves, named as ``PARAMS``) and the state at given clock times."""
 
     def __init__(self, log_alpha, logit_off, log_beta, log_gamma, log_rho, t0, log_dur):
         self.params = {k: torch.nn.Parameter(v) for k, v in dict(
@@ -134,24 +169,11 @@ class GeneKinetics:
             t0=t0, log_dur=log_dur).items()}
 
     def rates(self):
-        p = self.params
-        alpha = p["log_alpha"].exp()
-        return (alpha, alpha * torch.sigmoid(p["logit_off"]), p["log_beta"].exp(), p["log_gamma"].exp(),
-                p["log_rho"].exp(), p["t0"], p["t0"] + p["log_dur"].exp())
+        return kinetic_rates(*(self.params[k] for k in PARAMS))
 
     def state(self, t_N1):
-        """(u_obs, s_obs, u, s, on) at times [N, 1] -> [N, G]: the observed-scale state (rho u, s), the model state,
-        and whether transcription is on."""
-        alpha, alpha_off, beta, gamma, rho, t0, ts = self.rates()
-        u_off, s_off = alpha_off / beta, alpha_off / gamma
-        dur = ts - t0
-        tau = t_N1 - t0
-        u_sw, s_sw = solve(dur, u_off, s_off, alpha, beta, gamma)
-        u_i, s_i = solve(tau.clamp(min=0), u_off, s_off, alpha, beta, gamma)
-        u_r, s_r = solve((tau - dur).clamp(min=0), u_sw, s_sw, alpha_off, beta, gamma)
-        on = tau < dur
-        u, s = torch.where(on, u_i, u_r), torch.where(on, s_i, s_r)
-        return rho * u, s, u, s, on & (tau >= 0)
+        """(u_obs, s_obs, u, s, alpha_t) at times [N, 1] -> [N, G] (:func:`switching_state`)."""
+        return switching_state(t_N1, *(self.params[k] for k in PARAMS))
 
 
 # --- initialisation ----------------------------------------------------------------------------------------------
@@ -282,11 +304,11 @@ def _fit(Ms_NG, Mu_NG, gamma_ss_G, graph_NN, cfg: DynamicalConfig) -> DynamicalF
     var_u, var_s, ru, rs = _variances(kin, u_t, s_t, t_N, cfg.min_sd)
     with torch.no_grad():
         alpha, alpha_off, beta, gamma, rho, t0, ts = kin.rates()
-        uo, so, um, sm, on = kin.state(t_N[:, None])
+        uo, so, um, sm, alpha_t = kin.state(t_N[:, None])
         if cfg.velocity_at == "observed":
             um, sm = u_t / rho, s_t
         v = beta * um - gamma * sm
-        vu = rho * (torch.where(on, alpha, alpha_off) - beta * um)
+        vu = rho * (alpha_t - beta * um)
         r2q = ru * ru / var_u + rs * rs / var_s
         conf = torch.exp(-0.5 * r2q)
         nll = float((0.5 * r2q).mean() + 0.5 * (torch.log(var_u) + torch.log(var_s)).mean())
@@ -302,7 +324,9 @@ def _fit(Ms_NG, Mu_NG, gamma_ss_G, graph_NN, cfg: DynamicalConfig) -> DynamicalF
         velocity_u=(out(vu) * c_u).astype(np.float32), confidence=out(conf).astype(np.float32),
         # the model's s is Ms / c_s and its u is Mu / (rho c_u): in Ms units u = Mu / scaling, alpha scales by c_s
         alpha=alpha * c_s, alpha_off=alpha_off * c_s, beta=beta, gamma=gamma, scaling=rho * c_u / c_s,
-        t0=t0, t_switch=ts, r2=out(r2), loss=nll)
+        t0=t0, t_switch=ts, r2=out(r2), loss=nll,
+        params={k: out(v) for k, v in kin.params.items()}, scale_u=c_u, scale_s=c_s,
+        sd_u=out(var_u.sqrt()), sd_s=out(var_s.sqrt()))
     log.info("dynamical fit: %d cells x %d genes in %.1f s (%d rounds x %d steps), nll %.4f, median r2 %.3f",
              N, G, time.perf_counter() - t_start, cfg.rounds, cfg.steps, nll, float(np.median(fit.r2)))
     return fit

@@ -48,14 +48,15 @@ def _mean(values):
     "head, encoder, part",
     [
         ("expression", "frozen", "train/spliced_nll"),
-        ("velocity", "last_k", "train/velocity_mse"),
+        ("velocity head.mode=supervised", "last_k", "train/velocity_mse"),
         ("generative", "full", "train/nll"),
     ],
 )
 def test_head_trains_from_checkpoint(pretrained, tmp_path, head, encoder, part):
     corpus, pretrained = pretrained
     rec = LossRecorder()
-    cfg = compose_finetune(corpus, tmp_path, pretrained, f"head={head}", f"task.finetune.encoder={encoder}",
+    head, *extra = head.split()
+    cfg = compose_finetune(corpus, tmp_path, pretrained, f"head={head}", *extra, f"task.finetune.encoder={encoder}",
                            "trainer.max_steps=50")
     result = finetune.run(cfg, callbacks=[rec])
 
@@ -110,6 +111,24 @@ def test_bad_input_fails_before_training(pretrained, tmp_path, override, error, 
     cfg = compose_finetune(corpus, tmp_path, checkpoint, "trainer.max_steps=2", "task.finetune.encoder=last_k",
                            override)
     _fails_before_training(cfg, error, match)
+
+
+def test_dynamical_velocity_head_warm_starts_and_trains(pretrained, tmp_path):
+    """The default velocity head (self-supervised dynamical model): warm-started on training cells before the first
+    step, its likelihood and clock losses logged, the clock's gradient reaching the encoder's top block."""
+    corpus, pretrained = pretrained
+    cfg = compose_finetune(corpus, tmp_path, pretrained, "head=velocity", "task.finetune.encoder=last_k",
+                           "head.warm_start_rounds=2", "trainer.max_steps=5")
+    result = finetune.run(cfg)
+    head = result["task"].head
+    assert head.config.mode == "dynamical" and int(head.kinetics.fitted.sum()) >= 5
+    assert {"train/nll", "train/clock"} <= set(result["metrics"]), sorted(result["metrics"])
+    _, before = load_encoder_state(pretrained, None)
+    depth = result["task"].model_config.depth
+    after = result["task"].encoder.state_dict()
+    assert any(not torch.equal(v, after[k]) for k, v in before.items() if k.startswith(f"blocks.{depth - 1}."))
+    saved = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert saved["state_dict"]["head.kinetics.fitted"].sum() == head.kinetics.fitted.sum()  # resumes without refit
 
 
 def test_cli_finetunes_velocity(pretrained, tmp_path):

@@ -39,7 +39,7 @@ from tests.unit.test_model import encoder_terms
 
 pytestmark = pytest.mark.slow
 
-HEADS = {"velocity": ["head.velocity_param=rates"], "expression": []}
+HEADS = {"velocity": ["head.mode=supervised", "head.velocity_param=rates"], "expression": []}
 OUTPUTS = {"velocity": ("velocity", keys.LAYER_VELOCITY), "velocity_u": ("velocity", keys.LAYER_VELOCITY_U),
            "alpha": ("velocity", keys.LAYER_ALPHA), "gamma": ("velocity", keys.LAYER_GAMMA),
            "spliced_mu": ("expression", keys.LAYER_IMPUTED[keys.LAYER_SPLICED]),
@@ -321,11 +321,14 @@ def test_pancreas_round_trip(tmp_path):
     subset.write_h5ad(tmp_path / "pancreas.h5ad")
     corpus = tmp_path / "corpus"
     convert([tmp_path / "pancreas.h5ad"], corpus, progress=False)
-    _, releases = train_and_export(tmp_path, corpus, {"velocity": ["head.mode=kinetic", "head.velocity_param=rates"]})
+    _, releases = train_and_export(tmp_path, corpus, {"velocity": []})  # the self-supervised dynamical default
     model = load_pretrained(releases["velocity"])
     result = predict(model, subset, batch_size=100, progress=False)
     in_vocab = result.var[keys.VAR_FM_IN_VOCAB].to_numpy()
     assert in_vocab.sum() == len(model.vocab)  # the corpus's genes are the file's genes that pass the filters
     v = result.layers[keys.LAYER_VELOCITY]
-    assert np.isfinite(v[:, in_vocab]).all() and np.isnan(v[:, ~in_vocab]).all()
+    fitted = result.var[keys.VAR_VELOCITY_GENES].to_numpy()  # the genes the dynamical model fits
+    assert fitted.sum() >= 10 and not fitted[~in_vocab].any()
+    assert np.isfinite(v[:, fitted]).all() and np.isnan(v[:, ~in_vocab]).all()
+    assert np.isfinite(result.layers[keys.LAYER_VELOCITY_CONFIDENCE][:, fitted]).all()
     assert result.uns[keys.UNS_FM]["genes"]["field"] == "var_names"

@@ -34,7 +34,7 @@ def checkpoints(tmp_path_factory):
     corpus = build_corpus(root / "data")
     train.run(compose(corpus, root / "pretrain", "trainer.max_steps=3"))
     pretrained = root / "pretrain" / "checkpoints" / "last.ckpt"
-    finetune.run(compose_finetune(corpus, root / "finetune", pretrained, "head=velocity",
+    finetune.run(compose_finetune(corpus, root / "finetune", pretrained, "head=velocity", "head.mode=supervised",
                                   "task.finetune.encoder=last_k", "trainer.max_steps=3"))
     return {"pretrain": pretrained, "finetune": root / "finetune" / "checkpoints" / "last.ckpt"}
 

@@ -1,5 +1,6 @@
 """Expression, velocity and generative heads on tiny batches (CPU, seeded): shapes, finite losses, losses that fall,
-hidden-gene prediction, supervised velocity fit on a simulation, the kinetic loss's zero, generation schedule."""
+hidden-gene prediction, supervised velocity fit on a simulation, the dynamical velocity objective on a simulation
+(warm start, streaming fit, truth better than its negation), generation schedule."""
 
 from __future__ import annotations
 
@@ -10,13 +11,8 @@ import torch
 from fm import keys
 from fm.heads.expression import HIDDEN_MASK, QUERY_MASK, ExpressionConfig, ExpressionHead
 from fm.heads.generative import GenerativeConfig, GenerativeHead, later_partners
-from fm.heads.velocity import (
-    VelocityConfig,
-    VelocityHead,
-    kinetic_neighbours,
-    max_neighbour_cosine,
-)
-from fm.metrics.velocity import gene_spearman
+from fm.heads.velocity import VelocityConfig, VelocityHead
+from fm.metrics.velocity import gene_spearman, sign_accuracy
 
 VOCAB, D = 40, 32
 
@@ -123,7 +119,7 @@ def test_config_errors_name_the_field(cls, kwargs, field):
 
 
 def test_heads_accept_mapping_configs():
-    assert VelocityHead(D, VOCAB, {"mode": "kinetic"}).config.mode == "kinetic"
+    assert VelocityHead(D, VOCAB, {"mode": "supervised"}).config.mode == "supervised"
     with pytest.raises(TypeError, match="VelocityConfig"):
         VelocityHead(D, VOCAB, 3)
 
@@ -189,7 +185,7 @@ def test_velocity_shapes_rates_positive(sim):
     batch, _ = sim
     encoder = make_encoder()
     for param in ("direct", "rates"):
-        head = VelocityHead(D, VOCAB, {"velocity_param": param})
+        head = VelocityHead(D, VOCAB, {"mode": "supervised", "velocity_param": param})
         out = head(batch, encoder(batch))
         B, G = batch[keys.B_GENE_IDS].shape
         for name in ("velocity", "velocity_u", "alpha", "beta", "gamma"):
@@ -212,7 +208,7 @@ def test_velocity_supervised_fits_simulation(sim, supervised_loss):
     batch, adata = sim
     batch = {**batch, keys.B_VELOCITY: batch[keys.B_VELOCITY].clone()}
     batch[keys.B_VELOCITY][5, 3] = float("nan")  # unknown targets are skipped
-    encoder, head = make_encoder(), VelocityHead(D, VOCAB, {"supervised_loss": supervised_loss})
+    encoder, head = make_encoder(), VelocityHead(D, VOCAB, {"mode": "supervised", "supervised_loss": supervised_loss})
     before = _spearman(encoder, head, batch, adata)
     losses = train(encoder, head, batch, 60, lr=1e-2)
     after = _spearman(encoder, head, batch, adata)
@@ -221,71 +217,99 @@ def test_velocity_supervised_fits_simulation(sim, supervised_loss):
 
 def test_velocity_supervised_needs_target(sim):
     batch, _ = sim
-    encoder, head = make_encoder(), VelocityHead(D, VOCAB)
+    encoder, head = make_encoder(), VelocityHead(D, VOCAB, {"mode": "supervised"})
     b = {**batch, keys.B_VELOCITY: torch.full_like(batch[keys.B_VELOCITY], float("nan"))}
     with pytest.raises(ValueError, match=keys.B_VELOCITY):
         head.loss(b, head(b, encoder(b)))
 
 
-def _line_batch(B: int = 6, G: int = 3) -> dict:
-    """Cells evenly spaced on a line in every gene's (u, s) plane: u = s = i * step."""
-    step = torch.tensor([1.0, 0.5, 2.0])[:G]
-    x = torch.arange(B, dtype=torch.float32)[:, None] * step
-    return {
-        keys.B_GENE_IDS: torch.arange(1, G + 1).repeat(B, 1),
-        keys.B_GENE_MASK: torch.ones(B, G, dtype=torch.bool),
-        keys.B_SPLICED: x,
-        keys.B_UNSPLICED: 2 * x,
-    }
-
-
-@pytest.mark.parametrize("space", ["gene", "expression"])
-def test_kinetic_loss_zero_when_pointing_at_a_neighbour(space):
-    batch = _line_batch()
-    head = VelocityHead(D, VOCAB, {"mode": "kinetic", "n_neighbours": 2, "neighbour_space": space})
-    s, u = batch[keys.B_SPLICED], batch[keys.B_UNSPLICED]
-    nxt = torch.cat([s[1:], s[-2:-1]])  # the next cell (the last cell points back at its predecessor)
-    nxt_u = torch.cat([u[1:], u[-2:-1]])
-    outputs = {"velocity": 3.0 * (nxt - s), "velocity_u": 3.0 * (nxt_u - u), "query_mask": batch[keys.B_GENE_MASK]}
-    assert head.loss(batch, outputs).loss.item() == pytest.approx(0.0, abs=1e-6)
-    # pointing away from every neighbour (orthogonal to the line) costs 1
-    du, ds = nxt_u - u, nxt - s
-    outputs_orth = {**outputs, "velocity": du, "velocity_u": -ds}  # (du', ds') = (-ds, du) is orthogonal to (du, ds)
-    assert head.loss(batch, outputs_orth).loss.item() == pytest.approx(1.0, abs=1e-5)
-
-
-def test_kinetic_loss_and_rates_read_the_moments_where_the_batch_has_them():
-    line = _line_batch()
-    batch = {**line, keys.B_MS: line[keys.B_SPLICED], keys.B_MU: line[keys.B_UNSPLICED],  # the line, as moments
-             keys.B_SPLICED: torch.rand(6, 3), keys.B_UNSPLICED: torch.rand(6, 3)}  # fmt: skip  # single-cell noise
-    head = VelocityHead(D, VOCAB, {"mode": "kinetic", "n_neighbours": 2})
-    s, u = line[keys.B_SPLICED], line[keys.B_UNSPLICED]
-    nxt, nxt_u = torch.cat([s[1:], s[-2:-1]]), torch.cat([u[1:], u[-2:-1]])
-    outputs = {"velocity": nxt - s, "velocity_u": nxt_u - u, "query_mask": line[keys.B_GENE_MASK]}
-    assert head.loss(batch, outputs).loss.item() == pytest.approx(0.0, abs=1e-6)  # the moments' neighbours
-    assert head.loss(line, outputs).loss.item() == pytest.approx(0.0, abs=1e-6)
-    noisy = {**batch, keys.B_MS: torch.full_like(s, float("nan")), keys.B_MU: torch.full_like(s, float("nan"))}
-    assert head.loss(noisy, outputs).loss.item() > 0.05  # no moments (NaN): the cells' own (noisy) values
-    rates = VelocityHead(D, VOCAB, {"mode": "kinetic", "velocity_param": "rates"})
-    out = rates(batch, make_encoder()(batch))
-    torch.testing.assert_close(out["velocity"], out["beta"] * u - out["gamma"] * s)  # beta Mu - gamma Ms
-
-
-def test_kinetic_neighbours_gene_plane_excludes_self():
-    batch = _line_batch()
-    nb_u, nb_s = kinetic_neighbours(batch, k=2, space="gene")
-    assert nb_u.shape == (6, 3, 2)
-    s = batch[keys.B_SPLICED]
-    assert not (nb_s == s[..., None]).all(-1).any()  # never the cell itself
-    cos = max_neighbour_cosine(batch[keys.B_UNSPLICED], s, torch.zeros_like(s), torch.zeros_like(s), nb_u, nb_s)
-    assert torch.equal(cos, torch.zeros_like(cos))  # zero velocity: no direction, cosine 0
-
-
-def test_kinetic_loss_falls(sim):
+def test_velocity_supervised_scores_truth_better_than_its_negation(sim):
     batch, _ = sim
-    encoder, head = make_encoder(), VelocityHead(D, VOCAB, {"mode": "kinetic", "velocity_param": "rates"})
-    losses = train(encoder, head, batch, 30)
-    assert falls(losses, 0.9), losses[:3] + losses[-3:]
+    head = VelocityHead(D, VOCAB, {"mode": "supervised"})
+    mask = batch[keys.B_GENE_MASK]
+    truth = torch.nan_to_num(batch[keys.B_VELOCITY])
+    loss = {sign: head.loss(batch, {"velocity": sign * truth, "velocity_u": sign * torch.nan_to_num(
+        batch[keys.B_VELOCITY_U]), "query_mask": mask}).loss.item() for sign in (1.0, -1.0)}
+    assert loss[1.0] < 1e-6 < 1.0 < loss[-1.0], loss
+
+
+# --- velocity: the dynamical objective -----------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def moments_sim():
+    """fm's simulator (300 cells x 40 genes), its moments over 30 neighbours (no normalisation, as the truth), tokens =
+    each cell's detected genes. fm_dynamical reaches sign accuracy 0.885, gene Spearman 0.82 on it."""
+    from data_prep.simulate import simulate
+    from fm.velocity.neighbours import NeighbourConfig, neighbourhood
+
+    a = simulate(300, 40, regime="trajectory", seed=0, capture=3.0)
+    nb, s, u = neighbourhood(a.layers[keys.LAYER_SPLICED], a.layers[keys.LAYER_UNSPLICED],
+                             NeighbourConfig(normalization="none"))  # raw counts: the truth's units
+    det = (np.asarray(s.todense()) > 0) | (np.asarray(u.todense()) > 0)
+    G = a.n_vars
+    Ms, Mu = np.asarray(nb.Ms), np.asarray(nb.Mu)
+    truth = np.asarray(a.layers[keys.LAYER_VELOCITY_TRUE])
+
+    def batch(idx):
+        return {keys.B_GENE_IDS: torch.as_tensor(np.tile(np.arange(1, G + 1), (len(idx), 1))),
+                keys.B_GENE_MASK: torch.as_tensor(det[idx]),
+                keys.B_MS: torch.as_tensor(np.where(det[idx], np.log1p(Ms[idx]), np.nan), dtype=torch.float32),
+                keys.B_MU: torch.as_tensor(np.where(det[idx], np.log1p(Mu[idx]), np.nan), dtype=torch.float32)}
+
+    return batch, truth, a.n_obs
+
+
+class _Enc:
+    def __init__(self, B: int):
+        self.z_global = torch.zeros(B, D)
+
+
+def _dynamical_head(batch, n: int, **cfg) -> VelocityHead:
+    torch.manual_seed(0)
+    head = VelocityHead(D, VOCAB + 1, {"mode": "dynamical", "warm_start_rounds": 3, **cfg})
+    assert head.needs_warm_start()
+    state = head.warm_start(batch(np.arange(a, min(a + 64, n))) for a in range(0, n, 64))
+    head.load_state_dict(state, strict=False)
+    assert not head.needs_warm_start()
+    return head
+
+
+def test_velocity_dynamical_objective_learns_the_true_direction(moments_sim):
+    """The dynamical objective (warm start, then minibatch steps of its loss): velocity that follows the truth
+    (sign and per-gene rank), where the negation of that velocity would score the complement."""
+    batch, truth, n = moments_sim
+    head = _dynamical_head(batch, n)
+    opt = torch.optim.Adam(head.optim_groups(1e-3, 0.0))
+    rng = np.random.default_rng(0)
+    losses = []
+    for _ in range(20):
+        b = batch(rng.choice(n, 64, replace=False))
+        out = head.loss(b, head(b, _Enc(64)))
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+        losses.append(out.loss.item())
+    assert np.isfinite(losses).all()
+    head.eval()
+    with torch.no_grad():
+        out = head(batch(np.arange(n)), _Enc(n))
+    v = out["velocity"].numpy()
+    genes = np.isfinite(v).all(0)
+    assert genes.sum() >= 10, genes.sum()
+    # the truth scores better than its negation: the fitted velocity agrees with the true sign, its negation not
+    sign, sign_neg = sign_accuracy(v[:, genes], truth[:, genes]), sign_accuracy(-v[:, genes], truth[:, genes])
+    rho = gene_spearman(v[:, genes], truth[:, genes])["median"]
+    assert sign > 0.8 > 0.2 > sign_neg and rho > 0.7, (sign, sign_neg, rho)
+    conf, t = out["confidence"].numpy(), out["latent_time"].numpy()
+    assert ((conf[:, genes] >= 0) & (conf[:, genes] <= 1)).all() and conf[:, genes].mean() > 0.3
+    assert ((t >= 0) & (t <= 1)).all()
+    assert np.isnan(v[:, ~genes]).all()  # a gene the warm start did not fit has no velocity
+
+
+def test_velocity_dynamical_needs_moments(sim):
+    batch, _ = sim
+    head = VelocityHead(D, VOCAB, {"mode": "dynamical"})
+    with pytest.raises(KeyError, match="neighbourhoods"):
+        head(batch, make_encoder()(batch))
 
 
 # --- generative ----------------------------------------------------------------------------------------------------

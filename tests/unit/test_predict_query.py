@@ -18,7 +18,7 @@ from tests.unit.test_model import encoder_terms
 def heads() -> dict:
     torch.manual_seed(1)
     return {
-        "velocity": VelocityHead(D, VOCAB, VelocityConfig(velocity_param="rates")).eval(),
+        "velocity": VelocityHead(D, VOCAB, VelocityConfig(mode="supervised", velocity_param="rates")).eval(),
         "expression": ExpressionHead(D, VOCAB, ExpressionConfig(loss="zinb")).eval(),
     }
 
