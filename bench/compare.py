@@ -6,7 +6,7 @@
 Simulated (bench/velocity_quality.py's ``make_corpora``): one gene table, a training dataset (bifurcation, seed 0)
 and a held-out one (another regime, seed, library sizes; rates jittered), two corpora on the training vocabulary.
 fm: the debug encoder pretrained on the training corpus (fm.train.run), then the expression head and the velocity
-head (supervised, and kinetic: no target) fine-tuned through fm.finetune.run; the baselines (scVI, scScope,
+head (supervised, and dynamical: no target) fine-tuned through fm.finetune.run; the baselines (scVI, scScope,
 cellDancer) are trained through the same entry point (``fm finetune head=scvi|scscope|celldancer``, BaselineTask)
 on the same training corpus. Every model is then scored on the held-out dataset, which none of them saw, in the
 vocabulary's gene order:
@@ -26,13 +26,13 @@ vocabulary's gene order:
 * embeddings: k-means ARI / NMI against the simulated lineage (fm.metrics.embedding), for fm's global
   representation, scVI's latent mean and scScope's latent, on the uncorrupted held-out cells.
 * velocity against the simulated ds/dt on each cell's stored genes (as bench/velocity_quality.py): fm velocity head
-  supervised and kinetic, the cellDancer head (all held-out cells in one batch: its networks normalise by the
+  supervised and dynamical, the cellDancer head (all held-out cells in one batch: its networks normalise by the
   batch's maxima), and the steady-state baseline (kNN moments).
 
 Pancreas (``pancreas_supercell_3696x2000.h5ad``; skipped when absent): a random quarter of the cells held out; the
 200 genes (``--pancreas-genes``) with the most counts in both modalities; the same models trained on the other
 cells (no supervised velocity: there is no truth); on the held-out cells imputation as above, ARI / NMI against
-``obs['clusters']``, and CBDir / ICCoh of fm's kinetic velocity head, cellDancer and steady state over the known
+``obs['clusters']``, and CBDir / ICCoh of fm's dynamical velocity head, cellDancer and steady state over the known
 endocrine transitions.
 
 Adds a run to the "## Comparison" section of docs/BENCHMARKS.md through bench/report.py.
@@ -238,7 +238,7 @@ def run_simulated(workdir: Path, args) -> dict:
     max_genes = 64 * ((vq.GENES + 63) // 64)  # every stored gene of a cell is a token (>= the vocabulary)
     heads = {"fm expression": ["expression"],
              "fm velocity (supervised)": ["velocity", "head.mode=supervised"],
-             "fm velocity (kinetic)": ["velocity", "head.mode=kinetic"]}
+             "fm velocity (dynamical)": ["velocity", "head.mode=dynamical"]}
     n_train = sum(a.n_obs for n, a in adata.items() if n.startswith("train"))
     tasks, seconds = train_models(workdir, corpus["train"], n_train, max_genes, heads, args, args.pretrain_steps,
                                   args.steps)
@@ -249,7 +249,7 @@ def run_simulated(workdir: Path, args) -> dict:
     imputation, n_held = score_imputation(tasks, s_NV, u_NV, args.hold_out, args.seed)
     embedding = score_embeddings(tasks, s_NV, u_NV, np.asarray(held.obs[keys.OBS_LINEAGE].astype(str)), args.seed)
     velocity, asked = {}, None
-    for name in ("fm velocity (supervised)", "fm velocity (kinetic)"):
+    for name in ("fm velocity (supervised)", "fm velocity (dynamical)"):
         pred = predict(tasks[name], corpus["heldout"], "heldout", held, max_genes)[0][:, cols]
         asked = np.isfinite(pred)  # each cell's stored genes, the same for every model
         velocity[name] = score(pred, truth_v_NV)
@@ -312,7 +312,7 @@ def run_pancreas(workdir: Path, args) -> dict:
     data = pancreas_corpora(workdir, args.pancreas_genes, args.pancreas_held_out, args.seed)
     corpus, adata = data["corpus"], data["adata"]
     max_genes = 64 * ((args.pancreas_genes + 63) // 64)
-    heads = {"fm expression": ["expression"], "fm velocity (kinetic)": ["velocity", "head.mode=kinetic"]}
+    heads = {"fm expression": ["expression"], "fm velocity (dynamical)": ["velocity", "head.mode=dynamical"]}
     tasks, seconds = train_models(workdir, corpus["train"], adata["train"].n_obs, max_genes, heads, args,
                                   args.pancreas_pretrain_steps, args.pancreas_steps)
     held = adata["heldout"]
@@ -327,9 +327,9 @@ def run_pancreas(workdir: Path, args) -> dict:
     pcs = PCA(n_components=30, random_state=args.seed).fit_transform(np.log1p(x_NV))
     emb = TSNE(n_components=2, random_state=args.seed, init="pca", max_iter=300).fit_transform(pcs)
     neighbours = knn_indices(pcs, 30)
-    pred = predict(tasks["fm velocity (kinetic)"], corpus["heldout"], "heldout", held, max_genes)[0][:, cols]
+    pred = predict(tasks["fm velocity (dynamical)"], corpus["heldout"], "heldout", held, max_genes)[0][:, cols]
     asked = np.isfinite(pred)
-    velocities = {"fm velocity (kinetic)": np.nan_to_num(pred),
+    velocities = {"fm velocity (dynamical)": np.nan_to_num(pred),
                   "cellDancer": np.where(asked, baseline_outputs(tasks["celldancer"], s_NV, u_NV,
                                                                  one_batch=True)["velocity"], 0.0),
                   "steady state (kNN moments)": np.where(asked, steady_state(held, smooth=True)[:, cols], 0.0)}
@@ -377,7 +377,7 @@ def markdown(sim: dict, pancreas: dict | None, args, command: str, wall_s: float
         "",
         vq.setting(a.pretrain_steps, a.steps, vq.PRETRAIN_TASK) + f" {sim['n_vocab']} vocabulary genes. Every head "
         f"and baseline trained {a.steps} steps through `fm.finetune.run` on the training corpus (fm heads: encoder "
-        f"{a.encoder}, batch 32; the kinetic head reads no target; scVI batch 128 with its KL warm-up over half its "
+        f"{a.encoder}, batch 32; the dynamical head reads no target; scVI batch 128 with its KL warm-up over half its "
         "epochs; scScope batch 64, its Adam lr 1e-4; cellDancer batch 64 on raw counts); all scored on the held-out "
         "dataset. Seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in sim["seconds"].items()) + ".",
         "",

@@ -32,7 +32,8 @@ from bench.report import record  # noqa: E402
 
 INTRO = (
     "The pancreas file through `fm` commands only (`bench/pancreas_release.py`): convert, pretrain the debug "
-    "encoder, fine-tune the velocity head self-supervised (its default dynamical mode), export, predict on all cells and genes, and "
+    "encoder, fine-tune the velocity head self-supervised "
+    "(its default dynamical mode), export, predict on all cells and genes, and "
     "score with `fm evaluate --transitions pancreas` (CBDir over Ductal -> Ngn3 low EP -> Ngn3 high EP -> "
     "Pre-endocrine -> Alpha/Beta/Delta/Epsilon, ICCoh, ARI of X_fm against the clusters), beside the steady-state "
     "baseline scored by the same command."
@@ -94,7 +95,8 @@ def markdown(r: dict, args: argparse.Namespace, command: str) -> str:
     s = r["seconds"]
     lines = [f"### {datetime.date.today().isoformat()}, {machine}", "",
              f"`{command}`: debug encoder, max_genes {args.max_genes}, pretraining {args.pretrain_steps} steps "
-             f"({s['pretrain']:.0f} s), dynamical fine-tuning (warm start, then {args.finetune_steps} steps) ({s['finetune']:.0f} s), "
+             f"({s['pretrain']:.0f} s), dynamical fine-tuning (warm start, then "
+             f"{args.finetune_steps} steps) ({s['finetune']:.0f} s), "
              f"`fm predict` on 3,696 cells x 2,000 genes {s['predict']:.0f} s (CPU).", "",
              "| velocity | CBDir (mean of 7 transitions) | ICCoh (mean) | ARI of X_fm |", "|---|---|---|---|"]
     for name, m in r["metrics"].items():

@@ -24,7 +24,7 @@ cell's state from all of its genes.
 Per model: the debug encoder is pretrained on the training corpus (fm.train.run, configs/pretrain.yaml), then the
 velocity head is fine-tuned supervised on the ``velocity`` target (fm.finetune.run, configs/finetune.yaml:
 gene_set=cell), from the pretrained checkpoint and, for the same steps, from a randomly initialised encoder, with
-the encoder frozen and fully trained. The kinetic (self-supervised) mode is fine-tuned on a dataset of entirely new
+the encoder frozen and fully trained. The dynamical (self-supervised) mode is fine-tuned on a dataset of entirely new
 kinetics (`NEW_KINETICS`: another gene table; no target is read) and scored on it, beside the supervised model
 (trained on the other kinetics) and the steady-state baselines on the same data. Predictions are scattered into a
 cells x genes matrix (batch gene ids -> vocabulary gene id -> AnnData column; cell ids -> AnnData row) and scored
@@ -90,7 +90,7 @@ TRAIN_SETS = (
 # Held out of pretraining and fine-tuning: other seed and cells, another branching (time 4.5, so other lineage
 # proportions and other states after the split), other library sizes; every gene's rates jittered.
 HELDOUT = dict(n_cells=1000, regime="bifurcation", seed=1, branch_time=4.5, capture=0.5, library_sigma=0.5)
-# For the kinetic (self-supervised) mode: a dataset whose kinetics are entirely new (another gene table).
+# For the dynamical (self-supervised) mode: a dataset whose kinetics are entirely new (another gene table).
 NEW_KINETICS = dict(n_cells=1000, regime="bifurcation", seed=2, gene_seed=1, capture=0.5, library_sigma=0.5)
 # Reported beside, not a target: the former held-out design, which breaks "each gene keeps its kinetics" (see above).
 MIXED = dict(n_cells=1000, regime="mixed", seed=1, capture=0.5, library_sigma=0.5)
@@ -266,10 +266,10 @@ def run_bench(workdir: Path, pretrain_steps: int, finetune_steps: int, encoders:
                 evaluate(model, task, "new_kinetics", corpus["new_kinetics"])
     # self-supervised on the new-kinetics dataset itself (no target is read), from the pretrained encoder
     t0 = time.perf_counter()
-    task, _ = finetune_head(workdir / "kinetic", corpus["new_kinetics"], checkpoints["pretrained"], "velocity",
-                            encoders[-1], finetune_steps, max_genes, seed, ("head.mode=kinetic",))
-    timings["kinetic"] = time.perf_counter() - t0
-    evaluate(f"kinetic (self-supervised), pretrained, encoder {encoders[-1]}", task, "new_kinetics",
+    task, _ = finetune_head(workdir / "dynamical", corpus["new_kinetics"], checkpoints["pretrained"], "velocity",
+                            encoders[-1], finetune_steps, max_genes, seed, ("head.mode=dynamical",))
+    timings["dynamical"] = time.perf_counter() - t0
+    evaluate(f"dynamical (self-supervised), pretrained, encoder {encoders[-1]}", task, "new_kinetics",
              corpus["new_kinetics"])
     for split in ("heldout", "mixed", "new_kinetics"):
         for name, smooth in (("steady state (kNN moments)", True), ("steady state (no smoothing)", False)):
