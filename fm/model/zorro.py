@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from fm import keys
 from fm.model.attention import AttendFn, MultiHeadSelfAttention, get_attention_backend
@@ -135,8 +136,10 @@ class ZorroEncoder(nn.Module):
         B, G = gene_mask_BG.shape
         x_BLD = self.embed(gene_ids_BG, spliced_BG, unspliced_BG)
         attend = self.backend.prepare(gene_mask_BG, self.cfg.n_fusion)  # the batch's mask, built once
+        recompute = self.cfg.activation_checkpointing and torch.is_grad_enabled()
         for block in self.blocks:
-            x_BLD = block(x_BLD, attend)
+            # checkpointing keeps only each block's input; the RNG state is restored, so dropout masks match
+            x_BLD = checkpoint(block, x_BLD, attend, use_reentrant=False) if recompute else block(x_BLD, attend)
         x_BLD = self.norm(x_BLD)
         keep_BG1 = gene_mask_BG.unsqueeze(-1)
         h_spliced = torch.where(keep_BG1, x_BLD[:, :G], torch.zeros((), dtype=x_BLD.dtype, device=x_BLD.device))

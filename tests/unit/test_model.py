@@ -1,5 +1,7 @@
 """The Zorro encoder: presets, config checks, backend parity (outputs and gradients), purity, no NaN."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -131,6 +133,35 @@ def test_backend_matches_sdpa_outputs_and_gradients(backend, value_encoding):
     for name in grad_s:
         assert torch.isfinite(grad_s[name]).all() and torch.isfinite(grad_f[name]).all(), name
         torch.testing.assert_close(grad_f[name], grad_s[name], rtol=1e-8, atol=1e-10, msg=name)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_activation_checkpointing_gives_the_same_outputs_and_gradients(dropout):
+    """Recomputing each block in backward runs the same kernels on the same inputs (and the same dropout masks:
+    checkpoint restores the RNG state), so outputs and gradients are bit-identical."""
+    results = []
+    for on in (False, True):
+        enc = make_encoder(activation_checkpointing=on, dropout=dropout)
+        torch.manual_seed(1)
+        results.append(run_with_grads(enc, make_batch()))
+    (out_a, grad_a), (out_b, grad_b) = results
+    for f in ALL_FIELDS:
+        assert torch.equal(getattr(out_b, f), getattr(out_a, f)), f
+    assert grad_a.keys() == grad_b.keys()
+    for name in grad_a:
+        assert torch.equal(grad_b[name], grad_a[name]), name
+
+
+def test_activation_checkpointing_is_not_recorded_and_is_on_in_base():
+    import yaml
+
+    from fm.model.config import RUNTIME_FIELDS
+
+    cfg = ZorroConfig.from_name("debug", activation_checkpointing=True)
+    assert "activation_checkpointing" in RUNTIME_FIELDS and "activation_checkpointing" not in cfg.to_dict()
+    assert ZorroConfig.from_dict(cfg.to_dict()).activation_checkpointing is False  # a release loads without it
+    with open(Path(__file__).parents[2] / "configs" / "model" / "base.yaml") as f:
+        assert yaml.safe_load(f)["activation_checkpointing"] is True
 
 
 def test_float32_no_nan_and_cell_without_genes_is_zero():
