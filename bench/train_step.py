@@ -39,8 +39,9 @@ def synthetic_batch(batch: int, genes: int, vocab: int, device: str) -> dict:
 
 
 def measure(preset: str, batch: int, genes: int, vocab: int, steps: int, device: str, bf16: bool,
-            attention: str) -> dict:
-    task = PretrainTask(model_config(preset, vocab, attention=attention)).to(device).train()
+            attention: str, checkpointing: bool = False) -> dict:
+    cfg = model_config(preset, vocab, attention=attention, activation_checkpointing=checkpointing)
+    task = PretrainTask(cfg).to(device).train()
     opt = torch.optim.AdamW(task.parameters(), lr=1e-4)
     data = synthetic_batch(batch, genes, vocab, device)
     ctx = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if bf16 else torch.enable_grad
@@ -61,44 +62,50 @@ def measure(preset: str, batch: int, genes: int, vocab: int, steps: int, device:
         step()
     if device == "cuda":
         torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     for _ in range(steps):
         step()
     if device == "cuda":
         torch.cuda.synchronize()
     dt = (time.perf_counter() - t0) / steps
-    return {"preset": preset, "params": task.encoder.num_parameters(), "batch": batch, "genes": genes,
+    peak_gib = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
+    return {"peak_gib": peak_gib, "preset": preset,
+            "params": task.encoder.num_parameters(), "batch": batch, "genes": genes,
             "step_ms": dt * 1e3, "cells_s": batch / dt, "tokens_s": 2 * batch * genes / dt, "tflops": flops / dt / 1e12}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--presets", nargs="+", default=None)
-    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--batch", type=int, nargs="+", default=[32])
     parser.add_argument("--genes", type=int, default=256)
     parser.add_argument("--vocab", type=int, default=2000)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--attention", default="sdpa")
     parser.add_argument("--peak-tflops", type=float, default=989.0)
+    parser.add_argument("--activation-checkpointing", action="store_true", help="recompute each block in backward")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
     presets = args.presets or (["debug", "small", "base"] if cuda else ["debug", "small"])
-    rows = [measure(p, args.batch, args.genes, args.vocab, args.steps, device, cuda, args.attention) for p in presets]
+    rows = [measure(p, b, args.genes, args.vocab, args.steps, device, cuda, args.attention,
+                    args.activation_checkpointing) for p in presets for b in args.batch]
     where = torch.cuda.get_device_name() if cuda else f"CPU ({platform.processor() or platform.machine()}, " \
         f"{torch.get_num_threads()} threads)"
     machine = f"{platform.machine()} {platform.system()}, {os.cpu_count()} CPUs"
     machine += f", {torch.cuda.get_device_name()}" if cuda else ""
     lines = [f"### {datetime.date.today().isoformat()}, {machine}", "",
-             f"`python bench/train_step.py --batch {args.batch} --genes {args.genes}` on {where}, "
-             f"{'bf16 autocast' if cuda else 'fp32'}, attention {args.attention}; one step = loss forward, backward "
+             f"`python bench/train_step.py --batch {' '.join(map(str, args.batch))} --genes {args.genes}` on {where}, "
+             f"{'bf16 autocast' if cuda else 'fp32'}, attention {args.attention}, activation checkpointing "
+             f"{'on' if args.activation_checkpointing else 'off'}; one step = loss forward, backward "
              "and AdamW of the pretraining task.", "",
              "| preset | encoder params | batch × genes | ms/step | cells/s | tokens/s | TFLOP/s" +
-             (" | MFU |" if cuda else " |"),
-             "|---|---|---|---|---|---|---|" + ("---|" if cuda else "")]
+             (" | MFU | peak GiB |" if cuda else " |"),
+             "|---|---|---|---|---|---|---|" + ("---|---|" if cuda else "")]
     for r in rows:
-        mfu = f" {r['tflops'] / args.peak_tflops:.1%} |" if cuda else ""
+        mfu = f" {r['tflops'] / args.peak_tflops:.1%} | {r['peak_gib']:.1f} |" if cuda else ""
         lines.append(f"| {r['preset']} | {r['params'] / 1e6:.2f}M | {r['batch']} × {r['genes']} | {r['step_ms']:.1f} | "
                      f"{r['cells_s']:.1f} | {r['tokens_s']:.0f} | {r['tflops']:.3f} |{mfu}")
     text = "\n".join(lines) + "\n"

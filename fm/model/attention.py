@@ -15,7 +15,8 @@ every layer calls. Backends hold no parameters, so checkpoint keys never depend 
   call, the modality folded into the batch) and fusion x all. About half the work of ``sdpa``'s dense L x L grid,
   with autograd on any device: the CPU training path that skips masked blocks (the CPU analogue of ``flash``).
 - ``flash``: flash-attn varlen on CUDA: one call over the per-cell, per-modality segments of real modality tokens,
-  one with the fusion queries over the cell's real tokens. Runs in bf16 (fp16 inputs stay fp16). Optional import.
+  one with the fusion queries over the cell's real tokens. fp16/bf16 inputs only (fp32 is refused); no host sync.
+  Optional import.
 
 Padding queries read only themselves in every backend, so their output is their own value vector.
 
@@ -145,51 +146,70 @@ def _import_flash_varlen():
 
 
 class FlashBackend:
-    """flash-attn varlen over packed real tokens: modality segments, then fusion queries over each cell."""
+    """flash-attn varlen over packed real tokens: modality segments, then fusion queries over each cell.
+
+    No host sync in the forward: the packing is a stable argsort (size B·L, known on the host) that moves each
+    segment's real tokens to the front in (cell, segment) order, the offsets are cumulative sums on the device (a cell
+    with no genes gives zero-length segments, which flash-attn skips), and the maximum lengths are the padded shape's
+    bounds (G per modality segment, L per cell). Rows past the last offset are never read back. fp16/bf16 only: fp32
+    inputs are refused, not silently rounded to bf16 (run under bf16 autocast, or choose another backend).
+    """
 
     name = "flash"
 
+    def __init__(self, varlen_func: Callable | None = None) -> None:
+        """``varlen_func``: a function with ``flash_attn_varlen_func``'s contract, for tests (then any device and
+        dtype); default: flash-attn's, CUDA and fp16/bf16 only."""
+        self.varlen_func = varlen_func
+
     def prepare(self, gene_mask_BG: torch.Tensor, n_fusion: int) -> AttendFn:
-        flash_attn_varlen_func = _import_flash_varlen()
-        if not gene_mask_BG.is_cuda:
+        flash_attn_varlen_func = self.varlen_func or _import_flash_varlen()
+        half_only = self.varlen_func is None
+        if half_only and not gene_mask_BG.is_cuda:
             raise RuntimeError("attention='flash' runs on CUDA only; got a batch on " + str(gene_mask_BG.device))
         B, G = gene_mask_BG.shape
         L = 2 * G + n_fusion
-        gm = gene_mask_BG.bool()
-        real_BL = token_is_real(gm, n_fusion)
-        is_fusion_L = token_segments(G, n_fusion, gm.device) == SEG_FUSION
-        # flattened (b * L + position) indices; ascending order groups tokens by cell, then segment
-        idx_modality = torch.nonzero((real_BL & ~is_fusion_L).flatten()).squeeze(1)
-        idx_fusion = torch.nonzero(is_fusion_L.expand(B, L).flatten()).squeeze(1)
-        idx_cell = torch.nonzero(real_BL.flatten()).squeeze(1)
-        n_genes_B = gm.sum(1, dtype=torch.int32)
-        seg_lens = n_genes_B.repeat_interleave(2)  # spliced, unspliced of cell 0, then cell 1, ...
-        seg_lens = seg_lens[seg_lens > 0]  # empty segments carry no tokens
-        cell_lens = 2 * n_genes_B + n_fusion
-
-        def offsets(lengths: torch.Tensor) -> torch.Tensor:
-            return F.pad(torch.cumsum(lengths, 0, dtype=torch.int32), (1, 0))
-
-        cu_modality, cu_cell = offsets(seg_lens), offsets(cell_lens)
-        cu_fusion = torch.arange(B + 1, dtype=torch.int32, device=gm.device) * n_fusion
-        max_modality = int(seg_lens.max()) if seg_lens.numel() else 0
-        max_cell = int(cell_lens.max())
+        gm_BG = gene_mask_BG.bool()
+        real_BL = token_is_real(gm_BG, n_fusion)
+        seg_L = token_segments(G, n_fusion, gm_BG.device)
+        cell_B1 = torch.arange(B, device=gm_BG.device)[:, None]
+        # modality pass: real modality tokens sorted by (cell, modality) first, everything else after
+        modality_BL = real_BL & (seg_L != SEG_FUSION)
+        perm_modality = torch.argsort(torch.where(modality_BL, 2 * cell_B1 + seg_L, 2 * B).flatten(), stable=True)
+        unperm_modality = torch.argsort(perm_modality)
+        # fusion pass: every real token of a cell (its keys), cells in order, padding after
+        perm_cell = torch.argsort(torch.where(real_BL, cell_B1, B).flatten(), stable=True)
+        n_genes_B = gm_BG.sum(1, dtype=torch.int32)
+        cu_modality = _offsets(n_genes_B.repeat_interleave(2))  # spliced, unspliced of cell 0, then cell 1, ...
+        cu_cell = _offsets(2 * n_genes_B + n_fusion)
+        cu_fusion = torch.arange(B + 1, dtype=torch.int32, device=gm_BG.device) * n_fusion
+        keep_B2G1 = modality_BL[:, : 2 * G, None, None]  # real modality query rows (per head, per width)
 
         def attend(q_BHLD, k_BHLD, v_BHLD):
-            dtype = q_BHLD.dtype
-            run_dtype = dtype if dtype in (torch.float16, torch.bfloat16) else torch.bfloat16
+            if half_only and q_BHLD.dtype not in (torch.float16, torch.bfloat16):
+                raise TypeError(
+                    f"attention='flash' needs float16 or bfloat16 q/k/v, got {q_BHLD.dtype}: run under "
+                    "torch.autocast('cuda', dtype=torch.bfloat16) (trainer precision bf16-mixed), or use "
+                    "attention='sdpa' or 'flex' in float32"
+                )
             H, Dh = q_BHLD.shape[1], q_BHLD.shape[3]
-            q, k, v = (t.transpose(1, 2).reshape(B * L, H, Dh).to(run_dtype) for t in (q_BHLD, k_BHLD, v_BHLD))
-            out = v.clone()  # padding queries read only themselves: their output is their value
-            if idx_modality.numel():
-                qm, km, vm = q[idx_modality], k[idx_modality], v[idx_modality]
-                out = out.index_copy(0, idx_modality, flash_attn_varlen_func(
-                    qm, km, vm, cu_modality, cu_modality, max_modality, max_modality))
-            out = out.index_copy(0, idx_fusion, flash_attn_varlen_func(
-                q[idx_fusion], k[idx_cell], v[idx_cell], cu_fusion, cu_cell, n_fusion, max_cell))
-            return out.view(B, L, H, Dh).transpose(1, 2).to(dtype)
+            q, k, v = (t.transpose(1, 2).reshape(B * L, H, Dh) for t in (q_BHLD, k_BHLD, v_BHLD))  # [B*L, H, Dh]
+            o_packed = flash_attn_varlen_func(q[perm_modality], k[perm_modality], v[perm_modality],
+                                              cu_modality, cu_modality, G, G)
+            o_modality = o_packed[unperm_modality].view(B, L, H, Dh)[:, : 2 * G]
+            # padding queries read only themselves: their output is their value
+            o_modality = torch.where(keep_B2G1, o_modality, v.view(B, L, H, Dh)[:, : 2 * G])
+            o_fusion = flash_attn_varlen_func(q.view(B, L, H, Dh)[:, 2 * G :].reshape(B * n_fusion, H, Dh),
+                                              k[perm_cell], v[perm_cell], cu_fusion, cu_cell, n_fusion, L)
+            o_BLHD = torch.cat([o_modality, o_fusion.view(B, n_fusion, H, Dh)], dim=1)
+            return o_BLHD.transpose(1, 2)
 
         return attend
+
+
+def _offsets(lengths: torch.Tensor) -> torch.Tensor:
+    """flash-attn's cu_seqlens: [0, cumsum(lengths)] in int32, on the lengths' device."""
+    return F.pad(torch.cumsum(lengths, 0, dtype=torch.int32), (1, 0))
 
 
 class BlocksBackend:
