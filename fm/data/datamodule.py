@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import lightning as L
@@ -157,10 +157,12 @@ class CorpusDataModule(L.LightningDataModule):
 
     def sample_batches(self, n_cells: int):
         """Batches of about ``n_cells`` training cells, shuffled (``seed``), read in this process by a stream of its own
-        (the training loader and its resumable state are untouched): what a head warm-starts on."""
+        (the training loader and its resumable state are untouched): what a head warm-starts on. Every stored gene of
+        a cell is a token (no ``max_genes`` sampling), so a fit on them sees each cell whole."""
         self.setup()
         cfg = self.config
-        ds = ShardedArrowDataset(self.train_index, batch_size=cfg.batch_size, tokenizer=cfg.tokenizer, seed=cfg.seed,
+        whole = replace(cfg.tokenizer, max_genes=max(len(self.vocab), 1), gene_set="cell")
+        ds = ShardedArrowDataset(self.train_index, batch_size=cfg.batch_size, tokenizer=whole, seed=cfg.seed,
                                  shuffle=True, shuffle_buffer=cfg.shuffle_buffer, remainder="wrap", rank=0,
                                  world_size=1)
         n = 0
