@@ -23,6 +23,16 @@ view A, unspliced ones from view B, and the fusion term pairs across views only 
 global of B with spliced of A). Matching then needs what
 the two modalities share: the cell's state. It costs a second encoder pass.
 
+Projection statistics and the one collective: each projection (Linear-BatchNorm-GELU-Linear) normalises with batch
+statistics, and with per-rank statistics a rank's cells share a shift that the other ranks' cells (63 of 64
+negatives at 64 ranks) lack, so the positive can be told from most negatives by the statistics alone: the leak MoCo's
+shuffled BN exists to stop. The head gathers the four pooled representations once per step ([B, 4, D] -> [N, 4, D],
+one ``all_gather_with_grad`` instead of one per InfoNCE term and side) and projects the *global* batch on every
+rank: the statistics are those of one process holding all N cells, the same on every rank (what SyncBatchNorm
+gives, without its CUDA-only collective or one all-reduce per projection). The projections' cost, 4·N·D·(D + P)
+per rank, is small beside the encoder's. A per-sample LayerNorm would also close the leak but does not remove the
+direction all cells share at init, which BatchNorm is there to remove.
+
 One learned temperature for all InfoNCE terms, log-parametrised (``logit_scale = log(1/T)``) and clamped to
 ``[t_min, t_max]``. Shapes: B cells (local), N = world * B cells (global), G tokens, D width, P projection width.
 
@@ -39,7 +49,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fm import keys
-from fm.distributed import all_gather_with_grad, get_rank
+from fm.distributed import all_gather_with_grad, get_rank, get_world_size
 from fm.heads.base import Head, LossOutput, check_fields
 
 # private batch entries written by ``prepare`` (the masked positions and the values they hid)
@@ -91,20 +101,31 @@ def info_nce(q_BP: Tensor, k_NP: Tensor, logit_scale: Tensor, offset: int) -> tu
     return loss, acc
 
 
-def symmetric_info_nce(a_BP: Tensor, b_BP: Tensor, logit_scale: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Mean of InfoNCE a->b and b->a with global negatives; returns (loss, acc a->b, acc b->a)."""
-    offset = get_rank() * a_BP.shape[0]
-    a_NP, b_NP = all_gather_with_grad(a_BP), all_gather_with_grad(b_BP)
-    loss_ab, acc_ab = info_nce(a_BP, b_NP, logit_scale, offset)
-    loss_ba, acc_ba = info_nce(b_BP, a_NP, logit_scale, offset)
+def symmetric_info_nce(a_NP: Tensor, b_NP: Tensor, logit_scale: Tensor,
+                       rows: slice | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Mean of InfoNCE a->b and b->a over the global batch [N, P]; the local queries are ``rows`` (default: all).
+
+    Returns (loss, acc a->b, acc b->a).
+    """
+    rows = rows or slice(0, a_NP.shape[0])
+    loss_ab, acc_ab = info_nce(a_NP[rows], b_NP, logit_scale, rows.start)
+    loss_ba, acc_ba = info_nce(b_NP[rows], a_NP, logit_scale, rows.start)
     return 0.5 * (loss_ab + loss_ba), acc_ab, acc_ba
+
+
+def local_rows(n_global: int) -> slice:
+    """This rank's rows of a global batch gathered in rank order."""
+    b = n_global // get_world_size()
+    return slice(get_rank() * b, (get_rank() + 1) * b)
 
 
 def _projection(dim: int, proj_dim: int) -> nn.Module:
     # BatchNorm (as in SimCLR's projector) removes what all cells share: at init the pooled vectors of different
-    # cells point almost the same way, every logit is equal, and without it InfoNCE sits at log(N) for many steps.
+    # cells point almost the same way, every logit is equal, and without it InfoNCE sits at log(N) for many steps
+    # (a per-sample LayerNorm does not remove a direction shared across cells, so it is no substitute).
     # Batch statistics always (no running buffers): projections only serve the loss, which is computed per batch,
-    # and a skipped non-finite step then leaves no NaN behind in a buffer.
+    # and a skipped non-finite step then leaves no NaN behind in a buffer. The head runs it on the *global* batch
+    # (see ContrastiveHead.forward), never on one rank's cells.
     return nn.Sequential(
         nn.Linear(dim, dim), nn.BatchNorm1d(dim, track_running_stats=False), nn.GELU(), nn.Linear(dim, proj_dim)
     )
@@ -179,13 +200,13 @@ class ContrastiveHead(Head):
         return out
 
     def forward(self, batch: dict, encoder_output) -> dict[str, Tensor]:
-        out = {
-            "p_spliced": F.normalize(self.proj_spliced(encoder_output.z_spliced), dim=-1),  # [B, P]
-            "p_unspliced": F.normalize(self.proj_unspliced(encoder_output.z_unspliced), dim=-1),
-            "p_fusion": F.normalize(self.proj_fusion(encoder_output.z_fusion), dim=-1),
-            "p_global": F.normalize(self.proj_global(encoder_output.z_global), dim=-1),
-            "logit_scale": self._clamped_scale(),
-        }
+        """Projections of the global batch: ``p_*`` [N, P] (N = world * B, rank order), and the recon read-outs."""
+        reps = (encoder_output.z_spliced, encoder_output.z_unspliced, encoder_output.z_fusion, encoder_output.z_global)
+        z_N4D = all_gather_with_grad(torch.stack(reps, dim=1))  # the step's one collective: 4 reps, one call
+        projections = (self.proj_spliced, self.proj_unspliced, self.proj_fusion, self.proj_global)
+        out = {f"p_{name}": F.normalize(proj(z_N4D[:, i]), dim=-1)
+               for i, (name, proj) in enumerate(zip(("spliced", "unspliced", "fusion", "global"), projections))}
+        out["logit_scale"] = self._clamped_scale()
         if self.config.w_recon > 0:
             out["recon_spliced"] = self.recon["spliced"](encoder_output.h_spliced).squeeze(-1)  # [B, G]
             out["recon_unspliced"] = self.recon["unspliced"](encoder_output.h_unspliced).squeeze(-1)
@@ -194,10 +215,11 @@ class ContrastiveHead(Head):
     def loss(self, batch: dict, outputs: dict[str, Tensor]) -> LossOutput:
         c, scale = self.config, outputs["logit_scale"]
         s, u, f = outputs["p_spliced"], outputs["p_unspliced"], outputs["p_fusion"]
-        modality, acc_su, acc_us = symmetric_info_nce(s, u, scale)
+        rows = local_rows(s.shape[0])
+        modality, acc_su, acc_us = symmetric_info_nce(s, u, scale, rows)
         g = outputs["p_global"]
         pairs = ((f, u), (g, s)) if "cross_view" in outputs else ((f, s), (f, u), (g, s), (g, u))
-        fusion = sum(symmetric_info_nce(rep, mod, scale)[0] for rep, mod in pairs) / len(pairs)
+        fusion = sum(symmetric_info_nce(rep, mod, scale, rows)[0] for rep, mod in pairs) / len(pairs)
         parts = {"modality": modality, "fusion": fusion}
         total = c.w_modality * modality + c.w_fusion * fusion
         if c.w_recon > 0:

@@ -8,13 +8,14 @@ from __future__ import annotations
 import math
 import os
 import socket
+from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from fm import keys
-from fm.heads.contrastive import RECON_MASK, ContrastiveConfig, ContrastiveHead, info_nce, symmetric_info_nce
+from fm.heads.contrastive import RECON_MASK, ContrastiveConfig, ContrastiveHead, info_nce
 from fm.model.config import ZorroConfig
 from fm.model.zorro import ZorroEncoder
 from fm.tasks.optim import OptimConfig, warmup_cosine
@@ -80,41 +81,50 @@ def test_warmup_cosine_shape():
     assert all(a >= b - 1e-12 for a, b in zip(lr[10:], lr[11:]))
 
 
-def _gather_worker(rank: int, world: int, port: int, q_all, k_all, result):
+def _head_step(z_B4D: torch.Tensor, seed: int = 0):
+    """Loss, input gradient and parameter gradients of a ContrastiveHead on pooled representations [B, 4, D]."""
+    torch.manual_seed(seed)
+    head = ContrastiveHead(z_B4D.shape[-1], ContrastiveConfig(proj_dim=5))
+    z = z_B4D.clone().requires_grad_(True)
+    enc = SimpleNamespace(**{f"z_{n}": z[:, i] for i, n in enumerate(("spliced", "unspliced", "fusion", "global"))})
+    loss = head.loss({}, head({}, enc)).loss
+    loss.backward()
+    return loss.detach(), z.grad, {n: p.grad for n, p in head.named_parameters() if p.grad is not None}
+
+
+def _head_worker(rank: int, world: int, port: int, z_all, result):
     import torch.distributed as dist
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        b = q_all.shape[0] // world
-        q = q_all[rank * b:(rank + 1) * b].clone().requires_grad_(True)
-        k = k_all[rank * b:(rank + 1) * b].clone().requires_grad_(True)
-        loss, _, _ = symmetric_info_nce(q, k, torch.tensor(2.0))
-        loss.backward()
-        result[rank] = (loss.detach(), q.grad, k.grad)
+        b = z_all.shape[0] // world
+        result[rank] = _head_step(z_all[rank * b:(rank + 1) * b])
     finally:
         dist.destroy_process_group()
 
 
 @pytest.mark.multiprocess
-def test_global_negatives_match_one_process_with_the_whole_batch():
-    """2 ranks x 4 cells with gathered negatives == 1 process x 8 cells: loss and gradients (DDP averages)."""
+def test_two_ranks_match_one_process_with_the_whole_batch():
+    """2 ranks x 4 cells == 1 process x 8 cells: loss, gradients of the representations and of the head (DDP
+    averages). Global negatives are gathered with gradient, and the projections' BatchNorm statistics are those of
+    the global batch: with per-rank statistics the loss differs (the positive shares its rank's shift)."""
     import torch.multiprocessing as mp
 
     torch.manual_seed(0)
-    q_all, k_all = F.normalize(torch.randn(8, 6), dim=-1), F.normalize(torch.randn(8, 6), dim=-1)
+    z_all = torch.randn(8, 4, 6) + torch.tensor([3.0, -3.0]).repeat_interleave(4)[:, None, None]  # ranks differ
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     manager = mp.Manager()
     result = manager.dict()
-    mp.spawn(_gather_worker, args=(2, port, q_all, k_all, result), nprocs=2, join=True)
+    mp.spawn(_head_worker, args=(2, port, z_all, result), nprocs=2, join=True)
 
-    q, k = q_all.clone().requires_grad_(True), k_all.clone().requires_grad_(True)
-    loss, _, _ = symmetric_info_nce(q, k, torch.tensor(2.0))
-    loss.backward()
-    mean_loss = (result[0][0] + result[1][0]) / 2
-    torch.testing.assert_close(mean_loss, loss.detach())
+    loss, z_grad, param_grads = _head_step(z_all)
+    torch.testing.assert_close((result[0][0] + result[1][0]) / 2, loss)
     # each rank's gradient is that of the sum of the ranks' losses; DDP divides by the world size
-    torch.testing.assert_close(torch.cat([result[0][1], result[1][1]]) / 2, q.grad)
-    torch.testing.assert_close(torch.cat([result[0][2], result[1][2]]) / 2, k.grad)
+    torch.testing.assert_close(torch.cat([result[0][1], result[1][1]]) / 2, z_grad)
+    for name, grad in param_grads.items():
+        torch.testing.assert_close((result[0][2][name] + result[1][2][name]) / 2, grad, msg=name)
+    per_rank = (_head_step(z_all[:4])[0] + _head_step(z_all[4:])[0]) / 2  # what per-rank statistics would see
+    assert not torch.allclose(per_rank, loss, atol=1e-3)
