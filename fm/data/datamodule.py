@@ -63,6 +63,7 @@ class DataConfig:
     verify_checksums: bool = True  # sha256 every shard at setup (sizes, footers and schemas are always checked)
     val_batch_size: int | None = None  # default: batch_size
     pin_memory: bool = False
+    pad_to_multiple: int = 1  # gene tokens per modality padded to a multiple of this (few shapes for flex; 1: off)
 
     def __post_init__(self):
         def need(ok: bool, name: str, what: str):
@@ -87,7 +88,8 @@ class DataConfig:
     @property
     def tokenizer(self) -> TokenizerConfig:
         return TokenizerConfig(max_genes=self.max_genes, gene_set=self.gene_set, gene_sampling=self.gene_sampling,
-                               normalization=self.normalization, target_sum=self.target_sum)
+                               normalization=self.normalization, target_sum=self.target_sum,
+                               pad_to_multiple=self.pad_to_multiple)
 
 
 _RECORDED = ("max_genes", "gene_set", "gene_sampling", "normalization", "target_sum", "split", "val_fraction",
@@ -103,7 +105,7 @@ class CorpusDataModule(L.LightningDataModule):
                  val_fraction: float = 0.05, split: str = "hash", val_datasets: list[str] | None = None,
                  remainder: str = "wrap", shuffle_buffer: int = 8192, length_bucketing: bool = False,
                  tolerant: bool = False, verify_checksums: bool = True, val_batch_size: int | None = None,
-                 pin_memory: bool = False):
+                 pin_memory: bool = False, pad_to_multiple: int = 1):
         super().__init__()
         args = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         args["val_datasets"] = list(val_datasets or [])

@@ -57,10 +57,14 @@ class TokenizerConfig:
     gene_sampling: str = "random"  # rule when a cell has more than max_genes stored genes: random | top_expressed
     normalization: str = "total"  # total | size_factor | none (then log1p)
     target_sum: float = 1e4  # library size after `total` normalisation
+    pad_to_multiple: int = 1  # the padded width G is rounded up to a multiple of this (e.g. 64: L = 2G + F moves in
+    # steps of 128, one flex block, so a compiled kernel sees few shapes); padding is masked, so outputs do not change
 
     def __post_init__(self):
         if not isinstance(self.max_genes, int) or self.max_genes < 1:
             raise ValueError(f"TokenizerConfig.max_genes must be an int >= 1, got {self.max_genes!r}")
+        if not isinstance(self.pad_to_multiple, int) or self.pad_to_multiple < 1:
+            raise ValueError(f"TokenizerConfig.pad_to_multiple must be an int >= 1, got {self.pad_to_multiple!r}")
         if self.gene_set not in GENE_SETS:
             raise ValueError(f"TokenizerConfig.gene_set must be one of {GENE_SETS}, got {self.gene_set!r}")
         if self.gene_sampling not in GENE_SAMPLINGS:
@@ -201,12 +205,17 @@ class _Layout:
     panel_G: np.ndarray | None = None  # gene_set='batch': the gene ids shared by every cell
 
 
+def padded_width(n_tokens: int, cfg: TokenizerConfig) -> int:
+    """The batch width G for a longest row of ``n_tokens``: at least 1, rounded up to ``cfg.pad_to_multiple``."""
+    return -(-max(1, n_tokens) // cfg.pad_to_multiple) * cfg.pad_to_multiple
+
+
 def _cell_layout(block: CellBlock, cfg: TokenizerConfig, rng: np.random.Generator) -> _Layout:
     """gene_set='cell': each cell's own (sampled) genes, left-aligned in its row."""
     lens_B = np.diff(block.offsets_B1)
     long_b, keep = _long_cell_keep(block, lens_B, cfg, rng)
     lens_B = np.minimum(lens_B, cfg.max_genes)
-    K, G = cfg.max_genes, max(1, int(lens_B.max(initial=0)))  # G = K when a cell is long: a long cell fills its row
+    K, G = cfg.max_genes, padded_width(int(lens_B.max(initial=0)), cfg)  # G >= K when a cell is long
     pads = (G - lens_B).tolist()
     offsets = block.offsets_B1.tolist()
     pad_G = {}  # (dtype, pad) -> [G] of pad, for the puts of this block
@@ -241,7 +250,7 @@ def _batch_layout(block: CellBlock, cfg: TokenizerConfig, rng: np.random.Generat
     panel_G, col_N = _batch_panel(block, cfg, rng)
     lens_B = np.diff(block.offsets_B1)
     keep_N = col_N >= 0
-    G = max(1, len(panel_G))
+    G = padded_width(len(panel_G), cfg)
     dest_N = np.repeat(np.arange(len(lens_B), dtype=np.int64) * G, lens_B)[keep_N] + col_N[keep_N]
 
     def put(out_BG: np.ndarray, values_N: np.ndarray | Segments, pad: float) -> None:
@@ -340,11 +349,11 @@ def moment_scale(cfg: TokenizerConfig) -> float:
 def batch_nbytes(batch_size: int, cfg: TokenizerConfig, targets: tuple[str, ...]) -> int:
     """An upper bound on the bytes of the arrays tokenize_block allocates for ``batch_size`` cells.
 
-    G never exceeds ``cfg.max_genes``: per-gene float32 values (4 + the targets), int64 gene ids and the bool mask;
-    then three float32 per cell (library sizes, time).
+    G never exceeds ``cfg.max_genes`` rounded up to ``pad_to_multiple``: per-gene float32 values (4 + the targets),
+    int64 gene ids and the bool mask; then three float32 per cell (library sizes, time).
     """
     n_floats = 4 + sum(k in targets for k in _OPTIONAL)
-    return batch_size * cfg.max_genes * (4 * n_floats + 8 + 1) + batch_size * 3 * 4
+    return batch_size * padded_width(cfg.max_genes, cfg) * (4 * n_floats + 8 + 1) + batch_size * 3 * 4
 
 
 # torch's float32 log is ~1.5x numpy's here (SLEEF, within 1 ulp of it). Applied in pieces of fewer elements than
@@ -417,7 +426,8 @@ def tokenize_block(
     floats_KBG = torch.from_numpy(floats_KBG).unbind(0)  # views, in one call
     ids_BG = empty((B, G), torch.int64)
     if lay.panel_G is not None:
-        ids_BG[:] = lay.panel_G if len(lay.panel_G) else 0
+        ids_BG[:, : len(lay.panel_G)] = lay.panel_G
+        ids_BG[:, len(lay.panel_G):] = 0
     else:
         put(ids_BG, block.gene_index_N, 0)
     real_BG = empty((B, G), torch.bool) if alloc is not None else np.empty((B, G), dtype=bool)  # (worker: by value)

@@ -69,7 +69,7 @@ def _identity_score(score, b, h, q_idx, kv_idx):
 def _compiled_flex_attention():
     from torch.nn.attention.flex_attention import flex_attention
 
-    return torch.compile(flex_attention, dynamic=False)
+    return torch.compile(flex_attention, dynamic=True)  # one kernel for every length: batches vary in G
 
 
 class FlexBackend:

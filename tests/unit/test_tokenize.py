@@ -283,3 +283,35 @@ def test_a_tiny_library_keeps_padding_at_zero():
     s, mask = out[keys.B_SPLICED].numpy(), out[keys.B_GENE_MASK].numpy()
     assert np.isinf(s[1, 0]) and (s[1, ~mask[1]] == 0).all()  # 5 counts * inf; two padding slots
     np.testing.assert_allclose(s[0], np.log1p(np.array([2.0, 0.0, 8.0]) / 10 * 1e4), rtol=1e-6)
+
+
+@pytest.mark.parametrize("gene_set", ["cell", "batch"])
+def test_padding_to_a_multiple_changes_no_output(gene_set):
+    """pad_to_multiple widens G with masked slots only: the same real tokens, and the same encoder outputs."""
+    from fm.model.config import ZorroConfig
+    from fm.model.zorro import ZorroEncoder
+    from tests.tolerance import assert_close_rounding
+
+    block = _block(CELLS + [([3, 5, 9, 11], [1.0, 2.0, 3.0, 4.0], [0.0, 1.0, 0.0, 2.0])])
+    plain, padded = (tokenize_block(block, TokenizerConfig(gene_set=gene_set, pad_to_multiple=m),
+                                    np.random.default_rng(0)) for m in (1, 16))
+    G = plain[keys.B_GENE_MASK].shape[1]
+    assert padded[keys.B_GENE_MASK].shape[1] == 16 and G < 16
+    for k in (keys.B_GENE_IDS, keys.B_GENE_MASK, keys.B_SPLICED, keys.B_UNSPLICED):
+        assert torch.equal(padded[k][:, :G], plain[k]), k
+    assert not padded[keys.B_GENE_MASK][:, G:].any() and (padded[keys.B_GENE_IDS][:, G:] == 0).all()
+    torch.manual_seed(0)
+    enc = ZorroEncoder(ZorroConfig.from_name("debug", vocab_size=16)).eval()
+    with torch.no_grad():
+        a, b = enc(plain), enc(padded)
+    for f in ("z_spliced", "z_unspliced", "z_fusion", "z_global"):
+        assert_close_rounding(getattr(b, f), getattr(a, f), terms=4 * 32 * 2, msg=f)
+    assert_close_rounding(b.h_spliced[:, :G], a.h_spliced, terms=4 * 32 * 2)
+
+
+def test_batch_bound_covers_the_padded_width():
+    from fm.data.tokenize import batch_nbytes, padded_width
+
+    cfg = TokenizerConfig(max_genes=100, pad_to_multiple=64)
+    assert padded_width(100, cfg) == 128 and padded_width(0, cfg) == 64
+    assert batch_nbytes(2, cfg, ()) > batch_nbytes(2, TokenizerConfig(max_genes=100), ())
