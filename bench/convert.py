@@ -1,7 +1,7 @@
 """Benchmark the converter: cells/s and peak memory (RSS of the process tree) on simulated files of two sizes, with
 and without neighbourhoods (moments over 30 neighbours on 30 PCs), in one run.
 
-    python bench/convert.py --cells 25000 100000 --genes 1000 --neighbours 0 30   # docs/BENCHMARKS.md; ~5 minutes
+    python bench/convert.py                                      # docs/BENCHMARKS.md: 100k and 400k cells; ~25 min
     python bench/convert.py --cells 20000 5000 --genes 500       # a quick one
 
 Simulated inputs are cached in --work (default /tmp/fm-bench). Each conversion runs in its own process, sampled
@@ -68,8 +68,8 @@ def measure(cmd: list[str]) -> tuple[float, float]:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--cells", type=int, nargs="+", default=[50_000, 200_000])
-    p.add_argument("--genes", type=int, default=2000)
+    p.add_argument("--cells", type=int, nargs="+", default=[100_000, 400_000])
+    p.add_argument("--genes", type=int, default=1000)
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--neighbours", type=int, nargs="+", default=[0, 30],
                    help="neighbours per cell for the moments, one conversion each (0: none)")

@@ -9,8 +9,9 @@ Per dataset, in bounded memory:
    the tokenizer's rule) and appended to an on-disk CSR store (``CORPUS/.neighbourhoods/<k>/``); a cell without any
    count over the stored genes is not stored (as without neighbourhoods) and takes no part in the graph;
 2. the PCA (the covariance of the 2,000 most variable genes, accumulated a batch of cells at a time), the kNN
-   graph and the moments operator (cells x cells, ~45 entries a row) are computed; only the components and the
-   graph are in memory;
+   lists and from them the moments operator (cells x cells, ~45 entries a row; the connectivities and distances
+   matrices are not built unless a teacher needs them) are computed; only the components and the operator stay in
+   memory;
 3. the moments are computed a block of cells at a time in reverse Cuthill-McKee order of the graph, so a block's
    neighbours are mostly in the blocks around it: the rows a block reads from the store stay few (the ratio of rows
    read to rows computed is logged). They go to a second store, from which each shard's rows are cut into one file
@@ -54,6 +55,7 @@ log = logging.getLogger(__name__)
 
 NEIGHBOURHOOD_DIR = ".neighbourhoods"
 MOMENT_BLOCK = 1024  # cells whose moments are computed together (their neighbours' rows are read once per block)
+READ_ROWS = 256  # rows of an on-disk store gathered per mapping of its files (DiskRows._read)
 
 
 class DiskRows:
@@ -92,14 +94,22 @@ class DiskRows:
         return len(self.indptr[0]) - 1
 
     def _read(self, m: int, starts: np.ndarray, lens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The entries of rows (``starts``, ``lens``), READ_ROWS rows per mapping of the files: the kernel maps ~64 KiB
+        around each page a read faults in, all counted in this process's memory while mapped, so a gather of rows
+        spread over the whole store mapped most of it (the peak grew with the dataset: 1.5 GiB at 100,000 cells,
+        2.4 GiB at 400,000)."""
         total = int(self.indptr[m][-1])
-        if total == 0 or lens.sum() == 0:
-            return np.zeros(0, np.int32), np.zeros(0, np.float32)
-        pos = ranges(starts, lens)
-        idx = np.memmap(self._path(m, "indices"), np.int32, "r", shape=(total,))
-        val = np.memmap(self._path(m, "data"), np.float32, "r", shape=(total,))
-        out = np.array(idx[pos]), np.array(val[pos])
-        del idx, val  # unmapped: the pages read leave this process's memory
+        out = np.empty(int(lens.sum()), np.int32), np.empty(int(lens.sum()), np.float32)
+        if total == 0 or len(out[0]) == 0:
+            return out
+        o = 0
+        for c in range(0, len(starts), READ_ROWS):
+            pos = ranges(starts[c: c + READ_ROWS], lens[c: c + READ_ROWS])
+            for k, (kind, dtype) in enumerate((("indices", np.int32), ("data", np.float32))):
+                mapped = np.memmap(self._path(m, kind), dtype, "r", shape=(total,))
+                out[k][o: o + len(pos)] = mapped[pos]
+                del mapped  # unmapped: the pages read leave this process's memory
+            o += len(pos)
         return out
 
     def take(self, cells: np.ndarray) -> tuple[sp.csr_matrix, sp.csr_matrix]:
@@ -162,13 +172,14 @@ def write_dataset_moments(ds: DatasetSpec, cells: np.ndarray, genes: np.ndarray,
     folder = Path(folder)
     cells, counts = normalised_store(ds, cells, genes, cfg, chunk, folder)
     try:
-        graph = build_graph(counts, cfg, where=str(ds.path))
+        graph = build_graph(counts, cfg, where=str(ds.path), graph=teacher is not None)  # operator only
     except NeighbourhoodError as e:
         raise ConversionError(str(e)) from e
     op = graph.operator
     velocity = None if teacher is None else _teacher_velocity(ds, genes, graph, counts, cfg, teacher)
-    # moments in bandwidth order: a block of cells reads its neighbours' rows, mostly the same few blocks
-    order = sp.csgraph.reverse_cuthill_mckee(sp.csr_matrix(op + op.T), symmetric_mode=True)
+    # moments in bandwidth order: a block of cells reads its neighbours' rows, mostly the same few blocks (the
+    # operator's pattern is symmetric: the connectivities' fuzzy union, and the diagonal)
+    order = sp.csgraph.reverse_cuthill_mckee(op, symmetric_mode=True)
     position = np.empty(len(order), np.int64)
     store = DiskRows(folder, "moments", len(genes))
     read = 0
@@ -178,6 +189,8 @@ def write_dataset_moments(ds: DatasetSpec, cells: np.ndarray, genes: np.ndarray,
         ms, mu, n_read = moments_of_cells(op, counts, block)
         store.append(ms, mu)
         read += n_read
+        del ms, mu
+        _release_freed_memory()
     store.close()
     scale = np.float32(1.0 / cfg.target_sum) if cfg.normalization == "total" else np.float32(1.0)
     files = []
@@ -193,6 +206,8 @@ def write_dataset_moments(ds: DatasetSpec, cells: np.ndarray, genes: np.ndarray,
         path = folder / f"{k:05d}.npz"
         _save_npz(sp.vstack(parts, format="csr"), path)
         files.append(str(path))
+        del ms, mu, parts
+        _release_freed_memory()
     n = max(len(cells), 1)
     log.info("%s: neighbourhood of %d cells (%d neighbours, %d PCs); %.1f genes with a moment per cell (%.1f "
              "counted); moments read %.2f rows per cell computed", ds.dataset_id, len(cells), cfg.n_neighbours,
@@ -225,6 +240,28 @@ def _teacher_velocity(ds: DatasetSpec, genes: np.ndarray, graph, counts: DiskRow
     log.info("%s: %s teacher, %d of %d genes with velocity", ds.dataset_id, teacher.method,
              int(r.velocity_genes.sum()), len(genes))
     return sp.csr_matrix((v[rows, pattern.indices], pattern.indices, pattern.indptr), shape=pattern.shape)
+
+
+def _release_freed_memory() -> None:
+    """Hand the C heap's free pages back to the system (glibc's ``malloc_trim``; nothing elsewhere). The moments'
+    temporaries (a few to ~30 MiB each, under glibc's adaptive mmap threshold) were left as free heap pages between
+    blocks: the process's memory grew ~400 MiB over the moments of 100,000 cells."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def _load_libc():
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc if hasattr(libc, "malloc_trim") else None
+    except OSError:
+        return None
+
+
+_LIBC = _load_libc()
 
 
 def _save_npz(x: sp.csr_matrix, path: Path) -> None:

@@ -8,10 +8,11 @@ The steps are the field's: counts normalised per cell (``total``: each modality 
 ``target_sum``, as the tokenizer does; ``size_factor``: divided by a given factor; ``none``), log1p of the normalised
 spliced counts, PCA (``n_pcs`` components of the ``n_top_genes`` most variable genes, from their covariance
 accumulated over batches of 4,096 cells, so conversion holds one batch, not the dataset), a kNN graph on it
-(scanpy: UMAP connectivities over ``n_neighbours`` neighbours, exact below 8,192 cells, pynndescent above). The
-moments are scVelo's ``pp.moments``:
-the connectivities binarised, self included, each row divided by its count, times the normalised (not logged)
-counts. The second-order moments (``Mss`` = moments of s*s, ``Mus`` of u*s) are those scVelo's stochastic mode uses.
+(scanpy's: UMAP connectivities over ``n_neighbours`` neighbours, exact below 8,192 cells, pynndescent above; the
+same calls, without scanpy's AnnData around them). The moments are scVelo's ``pp.moments``: the connectivities
+binarised, self included, each row divided by its count, times the normalised (not logged) counts; conversion builds
+that operator from the kNN lists directly (:func:`operator_from_knn`, equal to it). The second-order moments
+(``Mss`` = moments of s*s, ``Mus`` of u*s) are those scVelo's stochastic mode uses.
 
 Units: ``Ms``, ``Mu`` are in the normalised units above; velocity computed from them is ds/dt in those units.
 
@@ -20,13 +21,16 @@ Shapes: N cells, G genes, P principal components.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
+import warnings
 from dataclasses import asdict, dataclass
 from typing import Protocol
 
 import numpy as np
 import scipy.sparse as sp
+from scipy.linalg import eigh
 
 from fm.data.counts import normalisation_scales as scales
 
@@ -78,8 +82,8 @@ class Neighbourhood:
     """One dataset's neighbourhood: the graph, the moments operator and the first-order moments."""
 
     X_pca: np.ndarray  # [N, P] float32
-    distances: sp.csr_matrix  # [N, N] kNN distances (scanpy's obsp['distances'])
-    connectivities: sp.csr_matrix  # [N, N] UMAP connectivities (scanpy's obsp['connectivities'])
+    distances: sp.csr_matrix | None  # [N, N] kNN distances (scanpy's obsp['distances']); None: not built
+    connectivities: sp.csr_matrix | None  # [N, N] UMAP connectivities (scanpy's obsp['connectivities'])
     operator: sp.csr_matrix  # [N, N] row-stochastic moments operator (scVelo's get_connectivities)
     Ms: np.ndarray | sp.csr_matrix  # [N, G] float32, first-order moments of the normalised spliced counts
     Mu: np.ndarray | sp.csr_matrix  # [N, G] float32, of the normalised unspliced counts
@@ -140,8 +144,10 @@ class InMemoryCounts:
 
 
 def pca(counts: CountRows, n_pcs: int, n_top_genes: int, where: str = "") -> tuple[np.ndarray, np.ndarray]:
-    """PCA of log1p(normalised spliced) over the ``n_top_genes`` genes of highest variance, in two passes over
-    batches of :data:`PCA_ROWS` cells, so memory is a batch and a genes x genes covariance, not the dataset.
+    """PCA of log1p(normalised spliced) over the ``n_top_genes`` genes of highest variance, in passes over batches
+    of :data:`PCA_ROWS` cells, so memory is a batch and a genes x genes covariance, not the dataset: the genes'
+    variances, then the chosen genes' covariance (in the first pass where there are no more than ``n_top_genes``
+    genes), then the projection.
 
     Written here because no library does it out of memory at a usable speed: scikit-learn's
     ``PCA(svd_solver="covariance_eigh")`` computes exactly this (the covariance's eigenvectors) but from a matrix in
@@ -163,11 +169,16 @@ def pca(counts: CountRows, n_pcs: int, n_top_genes: int, where: str = "") -> tup
     def logged(a: int, b: int) -> sp.csr_matrix:
         return sp.csr_matrix(counts.rows(a, b)[0], dtype=np.float64).log1p()
 
-    s1, s2 = np.zeros(G), np.zeros(G)  # pass 1: per-gene variance, to choose the genes
+    # pass 1: per-gene sums, to choose the genes; and the covariance too where every gene is chosen anyway
+    one_pass = G <= n_top_genes
+    s1, s2 = np.zeros(G), np.zeros(G)
+    gram = np.zeros((G, G)) if one_pass else None
     for a, b in bounds:
         x = logged(a, b)
         s1 += np.asarray(x.sum(0)).ravel()
         s2 += np.asarray(x.multiply(x).sum(0)).ravel()
+        if one_pass:
+            gram += _gram(x)
     var = s2 / N - (s1 / N) ** 2
     if not np.any(var > 1e-12):
         raise NeighbourhoodError(
@@ -176,54 +187,146 @@ def pca(counts: CountRows, n_pcs: int, n_top_genes: int, where: str = "") -> tup
         )
     genes = np.sort(np.argsort(-var, kind="stable")[: min(n_top_genes, G)])
     mean = s1[genes] / N
-    gram = np.zeros((len(genes), len(genes)))  # pass 2: the chosen genes' covariance
-    for a, b in bounds:
-        x = logged(a, b)[:, genes]
-        gram += (x.T @ x).toarray()
+    if not one_pass:  # pass 2: the chosen genes' covariance
+        gram = np.zeros((len(genes), len(genes)))
+        for a, b in bounds:
+            gram += _gram(logged(a, b)[:, genes])
     cov = (gram - N * np.outer(mean, mean)) / max(N - 1, 1)
-    values, vectors = np.linalg.eigh(cov)
-    comps = vectors[:, ::-1][:, :n_comps]  # [genes, P], by decreasing variance
+    n_comps = min(n_comps, len(genes))
+    # the top n_comps eigenvectors only (LAPACK's MRRR): 0.8 s against 1.3 s for all of 1,000 genes' (2,000: 1.9/4.9)
+    _, vectors = eigh(cov, subset_by_index=(len(genes) - n_comps, len(genes) - 1), driver="evr")
+    comps = np.ascontiguousarray(vectors[:, ::-1])  # [genes, P], by decreasing variance
     comps *= np.sign(comps[np.abs(comps).argmax(0), np.arange(n_comps)])
-    X = np.concatenate([logged(a, b)[:, genes] @ comps for a, b in bounds]) - mean @ comps
+    X = np.empty((N, n_comps), np.float32)
+    for a, b in bounds:
+        X[a:b] = logged(a, b)[:, genes] @ comps - mean @ comps
     if not np.isfinite(X).all():
         raise NeighbourhoodError(f"{where}: PCA gave non-finite components")
-    return X.astype(np.float32), (-mean @ comps).astype(np.float32)
+    return X, (-mean @ comps).astype(np.float32)
 
 
-def knn_graph(
-    X_pca_NP: np.ndarray, n_neighbours: int, seed: int = 0, where: str = ""
-) -> tuple[sp.csr_matrix, sp.csr_matrix]:
-    """scanpy's kNN graph on ``X_pca``: (distances, connectivities), both [N, N] CSR."""
-    import anndata as ad
-    import scanpy as sc
+EXACT_BELOW = 8192  # cells: exact kNN below (scikit-learn, brute force), pynndescent from here on (as scanpy)
 
+
+def _gram(x_BG: sp.csr_matrix) -> np.ndarray:
+    """``x.T @ x`` [G, G] (float64) through dense blocks of at most 2^22 entries: BLAS on the dense block was 10x
+    faster than the sparse product on counts 38% nonzero (0.95 s against 10.4 s for 12,288 cells x 1,000 genes)."""
+    G = x_BG.shape[1]
+    out = np.zeros((G, G))
+    step = max(1, 2**22 // max(G, 1))
+    for r in range(0, x_BG.shape[0], step):
+        d = x_BG[r: r + step].toarray()
+        out += d.T @ d
+    return out
+
+
+@functools.cache
+def cache_numba_kernels() -> None:
+    """Let numba keep pynndescent's and UMAP's compiled kernels on disk where the libraries did not ask for it (numba's
+    ``cache=True``, turned on per dispatcher), so a process compiles only what numba cannot cache.
+
+    They compile in every process otherwise: the first kNN graph and operator of 20,000 cells took 51-54 s in a fresh
+    process against 3 s in a warm one; with these caches 20 s (2 CPUs, load 4). What is left is pynndescent's
+    ``nn_descent``, which numba cannot cache (it takes the distance function as an argument; its warning is silenced).
+    The files go where numba keeps caches (beside the library, or NUMBA_CACHE_DIR); numba rebuilds them when a
+    library's source changes.
+    """
+    import importlib
+    import pkgutil
+
+    import pynndescent
+    from numba.core.caching import NullCache
+    from numba.core.errors import NumbaWarning
+    from numba.core.registry import CPUDispatcher
+
+    warnings.filterwarnings("ignore", message="Cannot cache compiled function", category=NumbaWarning)
+    names = [f"pynndescent.{m.name}" for m in pkgutil.iter_modules(pynndescent.__path__)] + ["umap.umap_", "umap.utils"]
+    for name in names:
+        module = importlib.import_module(name)
+        for f in vars(module).values():
+            if isinstance(f, CPUDispatcher) and f.__module__ == name and isinstance(f._cache, NullCache):
+                f.enable_caching()
+
+
+def knn(X_pca_NP: np.ndarray, n_neighbours: int, seed: int = 0, where: str = "") -> tuple[np.ndarray, np.ndarray]:
+    """Each cell's ``n_neighbours`` nearest cells in ``X_pca``, itself first, as scanpy's ``pp.neighbors`` finds
+    them: (indices [N, K] int32, euclidean distances [N, K] float32), K = ``n_neighbours``, by distance.
+
+    Below :data:`EXACT_BELOW` cells exact (scikit-learn, brute force); from there pynndescent with the settings scanpy
+    and UMAP pick (k + 1 neighbours searched, ``n_trees`` and ``n_iters`` by the number of cells). Its index is
+    dropped once the graph is read: no search index is compressed (scanpy's transformer does), and the index's
+    memory (random-projection forest, heaps) is freed before the graph's. Exact kNN in chunks (torch or
+    scikit-learn, brute force) was measured too slow above that: 59 s for 100,000 cells on 2 cores (pynndescent: 17
+    s), 750 s projected for 400,000; scikit-learn's KD and ball trees 300-330 s for 100,000 cells in 30 PCs.
+    """
     N = len(X_pca_NP)
     if N <= n_neighbours:
         raise NeighbourhoodError(
             f"{where}: {N} cells, fewer than n_neighbours + 1 = {n_neighbours + 1}; lower the number of neighbours "
             "(--neighbours K) or skip the neighbourhood (--neighbours 0)"
         )
-    a = ad.AnnData(X=np.zeros((N, 0), np.float32), obsm={"X_pca": X_pca_NP})
-    transformer = None if N < 8192 else _nndescent(N, n_neighbours, seed)  # scanpy: exact below 8,192 cells
-    sc.pp.neighbors(a, n_neighbors=n_neighbours, use_rep="X_pca", random_state=seed, transformer=transformer)
-    return sp.csr_matrix(a.obsp["distances"]), sp.csr_matrix(a.obsp["connectivities"])
+    X = np.ascontiguousarray(X_pca_NP, dtype=np.float32)
+    cache_numba_kernels()
+    if N < EXACT_BELOW:
+        from sklearn.neighbors import NearestNeighbors
+
+        d_NK, i_NK = NearestNeighbors(n_neighbors=n_neighbours, algorithm="brute").fit(X).kneighbors(X)
+    else:
+        from pynndescent import NNDescent
+
+        index = NNDescent(X, n_neighbors=n_neighbours + 1, metric="euclidean", random_state=seed, n_jobs=-1,
+                          n_trees=min(64, 5 + round(N**0.5 / 20.0)), n_iters=max(5, round(np.log2(N))))
+        i_NK, d_NK = index.neighbor_graph
+        del index
+    return _self_first(i_NK.astype(np.int32, copy=False), d_NK.astype(np.float32, copy=False), n_neighbours)
 
 
-def _nndescent(n_cells: int, n_neighbours: int, seed: int):
-    """pynndescent's transformer with the settings scanpy picks for ``n_cells`` (UMAP's), returning a scipy
-    ``csr_matrix``: scanpy 1.11 reads its result with ``getnnz(axis=1)``, which scipy's newer ``csr_array`` (what
-    pynndescent now returns) lacks, so scanpy's own choice fails above 8,191 cells."""
-    from pynndescent import PyNNDescentTransformer
+def _self_first(i_NK: np.ndarray, d_NK: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each row with the cell itself first (distance 0), then its other neighbours by distance, ``k`` in all: where
+    a duplicate of the cell came first it moves behind it; where the search missed the cell it is prepended and the
+    farthest neighbour dropped (scanpy's rule for a search without the self column)."""
+    N = len(i_NK)
+    bad = np.flatnonzero(i_NK[:, 0] != np.arange(N))
+    if len(bad):
+        i_b, d_b = i_NK[bad], d_NK[bad]
+        is_self = i_b == bad[:, None]
+        order = np.argsort(~is_self, axis=1, kind="stable")  # self first, the rest in their order
+        i_b, d_b = np.take_along_axis(i_b, order, 1), np.take_along_axis(d_b, order, 1)
+        missing = ~is_self.any(1)
+        i_b[missing] = np.concatenate([bad[missing, None], i_b[missing, :-1]], 1)
+        d_b[missing] = np.concatenate([np.zeros((missing.sum(), 1), d_b.dtype), d_b[missing, :-1]], 1)
+        i_NK, d_NK = i_NK.copy(), d_NK.copy()
+        i_NK[bad], d_NK[bad] = i_b, d_b
+    d_NK = d_NK[:, :k].copy()
+    d_NK[:, 0] = 0
+    return np.ascontiguousarray(i_NK[:, :k]), d_NK
 
-    class CsrNNDescent(PyNNDescentTransformer):
-        def fit_transform(self, X, y=None, **fit_params):
-            return sp.csr_matrix(super().fit_transform(X, y, **fit_params))
 
-        def transform(self, X, y=None):
-            return sp.csr_matrix(super().transform(X, y))
+def distance_matrix(i_NK: np.ndarray, d_NK: np.ndarray) -> sp.csr_matrix:
+    """scanpy's ``obsp['distances']``: each cell's neighbours but itself, [N, N] CSR."""
+    N, K = i_NK.shape
+    rows = np.repeat(np.arange(N, dtype=np.int32), K - 1)
+    return sp.csr_matrix((d_NK[:, 1:].ravel(), (rows, i_NK[:, 1:].ravel())), shape=(N, N))
 
-    return CsrNNDescent(n_neighbors=n_neighbours, metric="euclidean", random_state=seed, n_jobs=-1,
-                        n_trees=min(64, 5 + round(n_cells**0.5 / 20.0)), n_iters=max(5, round(np.log2(n_cells))))
+
+def connectivities(i_NK: np.ndarray, d_NK: np.ndarray) -> sp.csr_matrix:
+    """scanpy's ``obsp['connectivities']``: UMAP's fuzzy union over the kNN graph (``umap.fuzzy_simplicial_set``,
+    as scanpy calls it), [N, N] CSR."""
+    from umap.umap_ import fuzzy_simplicial_set
+
+    cache_numba_kernels()
+    N, K = i_NK.shape
+    conn, _, _ = fuzzy_simplicial_set(sp.coo_matrix((N, 1)), K, None, None, knn_indices=i_NK, knn_dists=d_NK,
+                                      set_op_mix_ratio=1.0, local_connectivity=1.0)
+    return sp.csr_matrix(conn)
+
+
+def knn_graph(
+    X_pca_NP: np.ndarray, n_neighbours: int, seed: int = 0, where: str = ""
+) -> tuple[sp.csr_matrix, sp.csr_matrix]:
+    """scanpy's kNN graph on ``X_pca``: (distances, connectivities), both [N, N] CSR."""
+    i_NK, d_NK = knn(X_pca_NP, n_neighbours, seed, where)
+    return distance_matrix(i_NK, d_NK), connectivities(i_NK, d_NK)
 
 
 def attach_cells_without_counts(nb: Neighbourhood, has_n: np.ndarray, N: int, n_neighbours: int) -> Neighbourhood:
@@ -270,6 +373,36 @@ def moments_operator(connectivities_NN: sp.spmatrix) -> sp.csr_matrix:
     return C
 
 
+def operator_from_knn(i_NK: np.ndarray, d_NK: np.ndarray) -> sp.csr_matrix:
+    """:func:`moments_operator` of :func:`connectivities` (equal to it, bit for bit), without the connectivities.
+
+    The operator needs only where the connectivities are > 0: an edge i -> j of the kNN graph (not to itself) whose
+    UMAP membership is > 0, or its reverse (the fuzzy union a + b - ab is > 0 where a or b is). The memberships
+    are UMAP's own (``smooth_knn_dist``, ``compute_membership_strengths``; one can underflow to 0 where a cell's
+    nearest neighbours are much closer than the rest). So conversion holds a k-per-row pattern and the operator, not
+    the connectivities' float matrices and their transposes.
+    """
+    from umap.umap_ import compute_membership_strengths, smooth_knn_dist
+
+    cache_numba_kernels()
+    N, K = i_NK.shape
+    sigmas, rhos = smooth_knn_dist(d_NK, float(K), local_connectivity=1.0)
+    rows, cols, vals, _ = compute_membership_strengths(i_NK, d_NK, sigmas, rhos)
+    del rows
+    keep_NK = (vals > 0).reshape(N, K)  # a cell's membership to itself (and to a missing neighbour, -1) is 0
+    del vals
+    indptr = np.zeros(N + 1, np.int64)
+    np.cumsum(keep_NK.sum(1), out=indptr[1:])
+    edges = sp.csr_matrix((np.ones(int(indptr[-1]), bool), cols[keep_NK.ravel()], indptr), shape=(N, N))
+    del cols, keep_NK
+    pattern = edges + edges.T.tocsr() + sp.identity(N, dtype=bool, format="csr")  # [N, N] bool, symmetric
+    del edges
+    pattern.sort_indices()
+    count = np.diff(pattern.indptr)
+    data = np.repeat((1.0 / count).astype(np.float32), count)  # as moments_operator: float64 1/count, as float32
+    return sp.csr_matrix((data, pattern.indices.astype(np.int32, copy=False), pattern.indptr), shape=(N, N))
+
+
 def moments(operator_NN: sp.csr_matrix, x_NG: sp.spmatrix | np.ndarray, dense: bool = True):
     """``operator @ x`` (scVelo's layers['Ms'] for x = normalised spliced): dense float32 [N, G], or CSR."""
     x = sp.csr_matrix(x_NG, dtype=np.float32) if sp.issparse(x_NG) else np.asarray(x_NG, np.float32)
@@ -287,7 +420,20 @@ def moments_of_cells(operator_NN: sp.csr_matrix, counts: CountRows, cells: np.nd
     needed = np.unique(op.indices)
     op = sp.csr_matrix((op.data, np.searchsorted(needed, op.indices), op.indptr), shape=(len(cells), len(needed)))
     s_n, u_n = counts.take(needed)
-    return moments(op, s_n, dense=False), moments(op, u_n, dense=False), len(needed)
+    return _block_product(op, s_n), _block_product(op, u_n), len(needed)
+
+
+DENSE_ROWS_MAX = 2**24  # entries (64 MiB of float32): a block's neighbour rows up to this size are densified
+
+
+def _block_product(op_BM: sp.csr_matrix, x_MG: sp.csr_matrix) -> sp.csr_matrix:
+    """``op @ x`` as float32 CSR, equal to :func:`moments` (``dense=False``): the same float32 sums in the same order
+    (the operator's row order), through a dense ``x`` where it is small enough, which halved the moments' time of a
+    conversion (the moments of a block are ~90% nonzero: 5.6 s against 10 s per 100,000 cells and modality); without
+    the zeros a sparse ``x`` stores explicitly."""
+    if x_MG.shape[0] * x_MG.shape[1] > DENSE_ROWS_MAX:
+        return moments(op_BM, x_MG, dense=False)
+    return sp.csr_matrix(op_BM @ sp.csr_matrix(x_MG, dtype=np.float32).toarray(), dtype=np.float32)
 
 
 def second_order_moments(
@@ -323,11 +469,19 @@ def neighbourhood(
     return nb, s_n, u_n
 
 
-def build_graph(counts: CountRows, cfg: NeighbourConfig, where: str = "") -> Neighbourhood:
+def build_graph(counts: CountRows, cfg: NeighbourConfig, where: str = "", graph: bool = True) -> Neighbourhood:
     """PCA, kNN graph and moments operator of a dataset's normalised counts; the moments are left to the caller
-    (:func:`moments`, or :func:`moments_of_rows` a block of cells at a time), so they are empty here."""
+    (:func:`moments`, or :func:`moments_of_cells` a block of cells at a time), so they are empty here. With
+    ``graph=False`` only the operator is built (``distances``, ``connectivities`` are None): what conversion needs."""
     X_pca, origin = pca(counts, cfg.n_pcs, cfg.n_top_genes, where)
-    distances, connectivities = knn_graph(X_pca, cfg.n_neighbours, cfg.seed, where)
+    i_NK, d_NK = knn(X_pca, cfg.n_neighbours, cfg.seed, where)
+    distances = connectivities_NN = None
+    if graph:
+        distances, connectivities_NN = distance_matrix(i_NK, d_NK), connectivities(i_NK, d_NK)
+        operator = moments_operator(connectivities_NN)
+    else:
+        operator = operator_from_knn(i_NK, d_NK)
+    del i_NK, d_NK
     empty = sp.csr_matrix((counts.n_cells, counts.n_genes), dtype=np.float32)
-    return Neighbourhood(X_pca=X_pca, distances=distances, connectivities=connectivities,
-                         operator=moments_operator(connectivities), Ms=empty, Mu=empty, origin=origin)
+    return Neighbourhood(X_pca=X_pca, distances=distances, connectivities=connectivities_NN,
+                         operator=operator, Ms=empty, Mu=empty, origin=origin)
