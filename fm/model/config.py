@@ -111,3 +111,23 @@ PRESETS: dict[str, dict] = {
 def model_width(config: ZorroConfig) -> int:
     """D, the width of the encoder's outputs that heads read."""
     return int(config.d_model)
+
+
+def encoder_flops(config: ZorroConfig, n_cells: int, n_genes: int, *, attention: str = "zorro") -> float:
+    """Forward FLOPs of the encoder's blocks on a batch of ``n_cells`` x ``n_genes`` (padded) tokens per modality.
+
+    Matmuls count 2 FLOPs per multiply-add. Attention counts the pairs the Zorro mask allows (each modality with
+    itself, fusion queries with all: ``2G² + F·L`` per cell; ``attention="zorro"``), the work a block-sparse kernel
+    does, or the dense ``L²`` grid (``"dense"``, what ``sdpa`` computes), or none (``"none"``: the matmuls only).
+    Embeddings, pooling and heads are left out (a few % at ``small`` and ``base``). A training step is about 3x this
+    (backward 2x), whatever activation checkpointing recomputes: the convention model FLOP utilisation (MFU) is
+    quoted in.
+    """
+    D, F, G = config.d_model, config.n_fusion, n_genes
+    L = 2 * G + F
+    hidden = int(config.mlp_ratio * D)
+    mlp = 2 * L * D * hidden * 2 if config.mlp == "gelu" else 2 * L * D * int(2 * hidden / 3) * 3
+    projections = 2 * L * D * 4 * D  # qkv and output
+    pairs = {"zorro": 2 * G * G + F * L, "dense": L * L, "none": 0}[attention]
+    attention = 2 * 2 * pairs * D  # scores and weighted values
+    return float(n_cells * config.depth * (projections + mlp + attention))

@@ -1,5 +1,5 @@
-"""Training callbacks: throughput (cells/s, tokens/s), NaN/inf guard, preemption checkpoint on SIGTERM/SIGUSR1,
-the progress bar.
+"""Training callbacks: throughput (cells/s, tokens/s, FLOP/s, MFU), NaN/inf guard, preemption checkpoint on
+SIGTERM/SIGUSR1, the progress bar.
 
 Configured in configs/callbacks/; e.g. ``python -m fm.train callbacks.throughput.window=50``. A preempted job
 (SLURM sends SIGUSR1 or SIGTERM before the kill) writes ``<dirpath>/preempt.ckpt`` at the end of the current step
@@ -12,49 +12,94 @@ from __future__ import annotations
 import logging
 import signal
 import time
-from collections import deque
 from pathlib import Path
 
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import RichProgressBar
+from lightning.pytorch.callbacks import ThroughputMonitor as LightningThroughputMonitor
 
 from fm import keys
+from fm.model.config import encoder_flops
 
 log = logging.getLogger(__name__)
 
 
-def batch_tokens(batch: dict) -> int:
-    """Modality tokens of a batch (spliced + unspliced, padding excluded; fusion tokens not counted)."""
-    return 2 * int(batch[keys.B_GENE_MASK].sum())
+def batch_tokens(batch: dict) -> torch.Tensor:
+    """Modality tokens of a batch (spliced + unspliced, padding excluded; fusion tokens not counted): a 0-dim tensor
+    on the batch's device (reading it is a host sync; the throughput monitor reads it only when it logs)."""
+    return 2 * batch[keys.B_GENE_MASK].sum()
 
 
-class ThroughputMonitor(L.Callback):
-    """Logs ``perf/cells_per_s`` and ``perf/tokens_per_s`` (global: all ranks) over a sliding window of steps."""
+class ThroughputMonitor(LightningThroughputMonitor):
+    """Lightning's ThroughputMonitor (fabric's ``Throughput``: rates over a window, FLOP/s and MFU against the
+    device's peak) with fm's cells, tokens and FLOP count, updated only on the steps that log.
+
+    Logs ``perf/cells_per_s`` and ``perf/tokens_per_s`` (global: all ranks), ``perf/tflops_per_device`` and, where
+    Lightning knows the device's peak (CUDA GPUs), ``perf/mfu``. FLOPs per batch are estimated from the task's
+    ``model_config`` and the batch shape (:func:`fm.model.config.encoder_flops`, x3 for forward and backward); a task
+    without an encoder reports no FLOPs. Lightning's callback synchronises CUDA on every step to time it; this one
+    counts cells on the host and tokens on the device every step and synchronises once per logged step.
+
+    Args:
+        window: steps the rates are averaged over (rounded to whole logging intervals).
+        log_every_n_steps: steps between logged rates.
+    """
 
     def __init__(self, window: int = 20, log_every_n_steps: int = 10):
         if window < 1 or log_every_n_steps < 1:
             raise ValueError("ThroughputMonitor: window and log_every_n_steps must be >= 1")
-        self.window, self.every = window, log_every_n_steps
-        self._times: deque[tuple[float, int, int]] = deque(maxlen=window + 1)
+        super().__init__(batch_size_fn=lambda batch: batch[keys.B_GENE_MASK].shape[0],
+                         window_size=max(2, window // log_every_n_steps + 1))
+        self.every = log_every_n_steps
         self.last: dict[str, float] = {}
+        self._pending_flops = 0.0
+        self._tokens: torch.Tensor | int = 0
+
+    def on_train_start(self, trainer, pl_module) -> None:  # every rank (Lightning's: rank zero only)
+        self._start(trainer)
+        self._pending_flops, self._tokens = 0.0, 0
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if pl_module.device.type == "cuda":
-            torch.cuda.synchronize()
-        cells = batch[keys.B_GENE_MASK].shape[0] * trainer.world_size
-        tokens = batch_tokens(batch) * trainer.world_size  # local tokens scaled: ranks see batches of equal size
-        self._times.append((time.perf_counter(), cells, tokens))
-        if len(self._times) < 2 or trainer.global_step % self.every:
+        stage = trainer.state.stage
+        mask_BG = batch[keys.B_GENE_MASK]
+        self._samples[stage] += mask_BG.shape[0]
+        self._batches[stage] += 1
+        self._tokens = self._tokens + batch_tokens(batch)  # on the device: no sync
+        config = getattr(pl_module, "model_config", None)
+        if config is not None:
+            self._pending_flops += 3 * encoder_flops(config, *mask_BG.shape) * trainer.world_size
+        if trainer.global_step % self.every or trainer.fit_loop._should_accumulate():
             return
-        dt = self._times[-1][0] - self._times[0][0]
-        n_cells = sum(c for _, c, _ in list(self._times)[1:])
-        n_tokens = sum(t for _, _, t in list(self._times)[1:])
-        self.last = {"perf/cells_per_s": n_cells / dt, "perf/tokens_per_s": n_tokens / dt}
-        pl_module.log_dict(self.last, batch_size=cells, rank_zero_only=True)
+        if trainer.strategy.root_device.type == "cuda":
+            torch.cuda.synchronize()  # once per logged step, so the time covers the queued work
+        throughput = self._throughputs[stage]
+        throughput.update(time=time.perf_counter() - self._t0s[stage], batches=self._batches[stage],
+                          samples=self._samples[stage], lengths=int(self._tokens),
+                          flops=self._pending_flops if config is not None else None)
+        self._pending_flops = 0.0
+        rates = throughput.compute()
+        scope = "" if trainer.world_size > 1 else "device/"  # fabric names global rates only when world > 1
+        names = {f"{scope}samples_per_sec": "perf/cells_per_s", f"{scope}items_per_sec": "perf/tokens_per_s",
+                 "device/mfu": "perf/mfu"}
+        self.last = {new: float(rates[old]) for old, new in names.items() if old in rates}
+        if "device/flops_per_sec" in rates:
+            self.last["perf/tflops_per_device"] = float(rates["device/flops_per_sec"]) / 1e12
+        if self.last:
+            pl_module.log_dict(self.last, batch_size=mask_BG.shape[0], rank_zero_only=True)
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
-        self._times.clear()  # data loader start-up is not throughput
+        self._start(trainer)  # data loader start-up is not throughput
+        self._pending_flops, self._tokens = 0.0, 0
+
+    def on_validation_start(self, trainer, *args) -> None:  # training rates only
+        pass
+
+    def on_validation_batch_end(self, *args, **kwargs) -> None:
+        pass
+
+    def on_validation_end(self, trainer, *args) -> None:
+        pass
 
 
 class NanGuard(L.Callback):

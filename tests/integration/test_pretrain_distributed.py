@@ -72,6 +72,12 @@ def test_deepspeed_two_processes_consolidates(corpus, tmp_path, stage):
         "terms = encoder_terms(task.encoder)  # another process: its thread count may block the sums differently\n"
         "assert_close_rounding(out.z_fusion, ref['z_fusion'], terms=terms)\n"
         "assert_close_rounding(out.z_spliced, ref['z_spliced'], terms=terms)\n"
+        # fine-tuning and init_ckpt read the folder as they read a file (fm.ckpt_io)
+        "from fm.ckpt_io import load_training_checkpoint\n"
+        f"folder = load_training_checkpoint({str(ckpt_dir)!r})\n"
+        f"merged_ckpt = torch.load({str(merged)!r}, map_location='cpu', weights_only=False)\n"
+        "assert folder['fm'] == merged_ckpt['fm'] and folder['state_dict'].keys() == merged_ckpt['state_dict'].keys()\n"
+        "assert all(torch.equal(folder['state_dict'][k], v) for k, v in merged_ckpt['state_dict'].items())\n"
         # fm export reads the ZeRO folder itself (consolidating it), and the release gives the same outputs
         "from fm.checkpoint import export, load_pretrained\n"
         f"release = export({str(ckpt_dir)!r}, {str(tmp_path / 'release')!r}, vocab={str(corpus / 'vocab.tsv')!r})\n"
