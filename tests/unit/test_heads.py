@@ -244,7 +244,8 @@ def moments_sim():
     a = simulate(300, 40, regime="trajectory", seed=0, capture=3.0)
     nb, s, u = neighbourhood(a.layers[keys.LAYER_SPLICED], a.layers[keys.LAYER_UNSPLICED],
                              NeighbourConfig(normalization="none"))  # raw counts: the truth's units
-    det = (np.asarray(s.todense()) > 0) | (np.asarray(u.todense()) > 0)
+    S, U = np.asarray(s.todense()), np.asarray(u.todense())
+    det = (S > 0) | (U > 0)
     G = a.n_vars
     Ms, Mu = np.asarray(nb.Ms), np.asarray(nb.Mu)
     truth = np.asarray(a.layers[keys.LAYER_VELOCITY_TRUE])
@@ -252,6 +253,8 @@ def moments_sim():
     def batch(idx):
         return {keys.B_GENE_IDS: torch.as_tensor(np.tile(np.arange(1, G + 1), (len(idx), 1))),
                 keys.B_GENE_MASK: torch.as_tensor(det[idx]),
+                keys.B_SPLICED: torch.as_tensor(np.where(det[idx], np.log1p(S[idx]), 0), dtype=torch.float32),
+                keys.B_UNSPLICED: torch.as_tensor(np.where(det[idx], np.log1p(U[idx]), 0), dtype=torch.float32),
                 keys.B_MS: torch.as_tensor(np.where(det[idx], np.log1p(Ms[idx]), np.nan), dtype=torch.float32),
                 keys.B_MU: torch.as_tensor(np.where(det[idx], np.log1p(Mu[idx]), np.nan), dtype=torch.float32)}
 
