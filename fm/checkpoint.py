@@ -23,6 +23,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from fm.ckpt_meta import CKPT_KEY
 from fm.data.schema import MANIFEST_NAME, VOCAB_NAME, load_manifest
 from fm.data.vocab import GeneVocab
 from fm.io import atomic_dir
@@ -90,7 +91,6 @@ def read_training_checkpoint(path: Path) -> dict:
     import torch
 
     from fm.distributed import consolidate_zero_checkpoint
-    from fm.tasks.pretrain import CKPT_KEY
 
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such checkpoint file or DeepSpeed folder")
@@ -112,8 +112,6 @@ def read_training_checkpoint(path: Path) -> dict:
 
 def release_weights(ckpt: dict, source: Path) -> tuple[dict[str, torch.Tensor], dict | None]:
     """The encoder's (and a fine-tuned head's) weights, namespaced, and the head's ``{name, config}``."""
-    from fm.tasks.pretrain import CKPT_KEY
-
     meta = ckpt[CKPT_KEY]
     head_name = meta.get("head")  # only fine-tuning and baseline checkpoints name a head; pretraining's is not released
     has_encoder = "model_config" in meta
@@ -134,8 +132,6 @@ def release_weights(ckpt: dict, source: Path) -> tuple[dict[str, torch.Tensor], 
 
 def release_vocab(ckpt: dict, source: Path, vocab_path: str | os.PathLike | None) -> GeneVocab:
     """The training corpus's vocabulary (``vocab_path``, else the corpus in the checkpoint), its hash checked."""
-    from fm.tasks.pretrain import CKPT_KEY
-
     meta = ckpt[CKPT_KEY]
     expected = meta.get("vocab_hash")
     if not expected:
@@ -163,7 +159,6 @@ def release_config(ckpt: dict, source: Path, head: dict | None, vocab: GeneVocab
     """config.json's content: what the loader needs, and what the model card reports."""
     from fm import __version__
     from fm.data.tokenize import TokenizerConfig
-    from fm.tasks.pretrain import CKPT_KEY
 
     data_hp = ckpt.get("datamodule_hyper_parameters") or {}
     tokenizer = {f.name: data_hp[f.name] for f in fields(TokenizerConfig) if f.name in data_hp} or None

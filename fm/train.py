@@ -48,7 +48,7 @@ _register_resolvers()
 
 def read_checkpoint_meta(path: str | os.PathLike) -> dict | None:
     """The ``fm`` entry of a Lightning checkpoint file or a DeepSpeed checkpoint folder (no weights loaded twice)."""
-    from fm.tasks.pretrain import CKPT_KEY
+    from fm.ckpt_meta import CKPT_KEY
 
     path = Path(path)
     if path.is_dir():  # DeepSpeed: client state is in the rank-0 model-states file
@@ -178,7 +178,7 @@ def run(cfg: DictConfig, callbacks: list | None = None) -> dict:
     """
     from hydra.utils import instantiate
 
-    from fm.tasks.pretrain import check_checkpoint_meta
+    from fm.ckpt_meta import check_checkpoint_meta
 
     setup_run(cfg)
     datamodule = instantiate(cfg.data)
@@ -193,7 +193,7 @@ def run(cfg: DictConfig, callbacks: list | None = None) -> dict:
 
 def init_from_checkpoint(task, path: str | os.PathLike) -> None:
     """Initialise ``task``'s weights from a checkpoint (vocabulary and architecture checked); not a resume."""
-    from fm.tasks.pretrain import CKPT_KEY, check_checkpoint_meta
+    from fm.ckpt_meta import CKPT_KEY, check_checkpoint_meta
 
     ckpt = torch.load(path, map_location="cpu", weights_only=False)
     check_checkpoint_meta(ckpt.get(CKPT_KEY), task.vocab_hash, task.model_config, str(path))

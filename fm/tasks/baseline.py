@@ -12,7 +12,8 @@ baseline trains with its own paper's or package's optimiser (the head's ``optimi
 schedule and without the trainer's gradient clipping (none of the three packages clips; and a norm taken over all of
 cellDancer's genes at once would couple genes that train independently); a head with ``set_epoch`` (scVI's KL
 warm-up) is told the stream's epoch at the start of each. A training step draws its random numbers from a seed of
-(seed, step), so a resumed run repeats an uninterrupted one. Checkpoints carry ``checkpoint["fm"]`` with the head's
+(seed, step), so a resumed run repeats an uninterrupted one. The step, the NaN policy, RNG and the checkpoint's
+``fm`` entry are the shared training plan's (fm.tasks.base): checkpoints carry ``checkpoint["fm"]`` with the head's
 name and config, the vocabulary hash and the RNG states.
 """
 
@@ -21,17 +22,17 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from dataclasses import asdict
+from typing import Literal
 
-import lightning as L
 import torch
 
 from fm.baselines.celldancer import CellDancerConfig
 from fm.baselines.registry import BASELINES
 from fm.baselines.scscope import ScScopeConfig
 from fm.baselines.scvi import SCVIConfig
+from fm.ckpt_meta import CKPT_KEY, CheckpointMismatchError, check_head
 from fm.heads.base import LossOutput
-from fm.tasks.finetune import log_loss
-from fm.tasks.pretrain import CKPT_KEY, CheckpointMismatchError, rng_state, set_rng_state
+from fm.tasks.base import TaskBase
 
 log = logging.getLogger(__name__)
 
@@ -52,19 +53,20 @@ def check_data(data_config, vocab_size: int, name: str) -> None:
         )
 
 
-class BaselineTask(L.LightningModule):
+class BaselineTask(TaskBase):
     """One baseline head trained alone (it ignores the encoder output it is given: None).
 
     Args:
         head: the baseline's config (SCVIConfig, ScScopeConfig or CellDancerConfig), or a dict of its fields with
             ``name``: scvi | scscope | celldancer.
         vocab_hash: hash of the vocabulary the head's genes index; stored in checkpoints and checked on load.
-        seed: recorded with the hyperparameters (the run is seeded by fm.train.setup_run).
+        seed: seeds each training step's draws, with the step.
+        nan_policy: on a non-finite loss on any rank, ``stop`` (every rank raises) or ``skip`` (every rank skips).
     """
 
     def __init__(self, head: SCVIConfig | ScScopeConfig | CellDancerConfig | Mapping, vocab_hash: str | None = None,
-                 seed: int = 0):
-        super().__init__()
+                 seed: int = 0, nan_policy: Literal["stop", "skip"] = "stop"):
+        super().__init__(nan_policy=nan_policy, vocab_hash=vocab_hash, seed=seed)
         if isinstance(head, Mapping):
             fields = dict(head)
             name = fields.pop("name", None)
@@ -75,44 +77,34 @@ class BaselineTask(L.LightningModule):
         if name is None:
             valid = ", ".join(c.__name__ for c, _ in BASELINES.values())
             raise TypeError(f"BaselineTask.head: expected one of {valid} (configs/head/), got {type(head).__name__}")
-        self.head_name, self.head_config, self.vocab_hash, self.seed = name, head, vocab_hash, seed
-        self.save_hyperparameters({"head": {"name": name, **asdict(head)}, "vocab_hash": vocab_hash, "seed": seed})
+        self.head_name, self.head_config, self.loss_label = name, head, name
+        self.save_hyperparameters({"head": {"name": name, **asdict(head)}, "vocab_hash": vocab_hash, "seed": seed,
+                                   "nan_policy": nan_policy})
         self.head = BASELINES[name][1](head)
 
     def forward(self, batch: dict) -> dict:
         return self.head(batch, None)
 
-    def compute_loss(self, batch: dict) -> LossOutput:
-        return self.head.loss(batch, self.head(batch, None))
+    def compute_loss(self, batch: dict, generator: torch.Generator | None = None) -> LossOutput:
+        return self.head.loss(batch, self.head(batch, None))  # the head draws from the global RNG (see training_loss)
 
     def on_train_epoch_start(self) -> None:
         if hasattr(self.head, "set_epoch"):  # scVI's KL warm-up follows the stream's epochs
             self.head.set_epoch(self.current_epoch)
 
-    def training_step(self, batch: dict, batch_idx: int):
+    def training_loss(self, batch: dict) -> LossOutput:
         # the step's randomness (scVI's posterior sample, dropout, cellDancer's point sampling) comes from a seed of
         # (seed, step), not from the global RNG stream, so a resumed run draws what an uninterrupted one would
         devices = [self.device] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(hash((self.seed, self.global_step)) % (2**63))
-            out = self.compute_loss(batch)
-        if not out.is_finite():
-            raise FloatingPointError(
-                f"non-finite {self.head_name} loss at step {self.global_step} "
-                f"(parts={ {k: v.item() for k, v in out.parts.items()} })"
-            )
-        self._log_loss(out, "train", batch)
+            return self.compute_loss(batch)
+
+    def training_step(self, batch: dict, batch_idx: int):
+        loss = super().training_step(batch, batch_idx)
         if getattr(self.head, "finished", False):  # cellDancer: every gene has stopped early, as its package's
             self.trainer.should_stop = True
-        return out.loss
-
-    def validation_step(self, batch: dict, batch_idx: int):
-        out = self.compute_loss(batch)
-        self._log_loss(out, "val", batch)
-        return out.loss
-
-    def _log_loss(self, out: LossOutput, stage: str, batch: dict) -> None:
-        log_loss(self, out, stage, batch)
+        return loss
 
     def configure_optimizers(self):
         return self.head.optimizer()  # the baseline's own recipe, constant learning rate
@@ -121,21 +113,19 @@ class BaselineTask(L.LightningModule):
         """No clipping, whatever ``trainer.gradient_clip_val`` says: the baselines' recipes have none."""
 
     def on_fit_start(self) -> None:
+        super().on_fit_start()
         if self.trainer.is_global_zero:
             n = sum(p.numel() for p in self.head.parameters())
             log.info("training the %s baseline (%s parameters, no encoder)", self.head_name, f"{n:,}")
 
     # --- checkpoints ---------------------------------------------------------------------------------------
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint[CKPT_KEY] = {"head": self.head_name, "head_config": asdict(self.head_config),
-                                "vocab_hash": self.vocab_hash, "rng": rng_state()}
+    def checkpoint_meta(self) -> dict:
+        return {"head": self.head_name, "head_config": asdict(self.head_config)}
 
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        meta = checkpoint.get(CKPT_KEY)
+    def check_checkpoint(self, meta: dict | None) -> None:
         if not isinstance(meta, dict) or "head" not in meta:
             raise CheckpointMismatchError(f"checkpoint: not an fm baseline checkpoint (no '{CKPT_KEY}.head' entry)")
-        if meta["head"] != self.head_name:
-            raise CheckpointMismatchError(f"checkpoint: head {meta['head']!r} differs from {self.head_name!r}")
+        check_head(meta, self.head_name)
         if meta.get("vocab_hash") != self.vocab_hash:
             raise CheckpointMismatchError(
                 f"checkpoint: vocabulary hash {meta.get('vocab_hash')} differs from the corpus's {self.vocab_hash}"
@@ -144,8 +134,6 @@ class BaselineTask(L.LightningModule):
             raise CheckpointMismatchError(
                 f"checkpoint: {self.head_name} config {meta.get('head_config')} differs from {asdict(self.head_config)}"
             )
-        if meta.get("rng") is not None:
-            set_rng_state(meta["rng"])
 
 
 def load_baseline(path, vocab_hash: str | None = None) -> BaselineTask:

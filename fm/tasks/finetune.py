@@ -5,9 +5,11 @@
 
 The head is chosen by its config's type (configs/head/{expression,velocity,generative}.yaml instantiate
 ExpressionConfig, VelocityConfig or GenerativeConfig). The head gets ``optim.lr``, the trainable part of the encoder
-``task.finetune.encoder_lr``, both on the same warmup-cosine schedule. A frozen encoder runs without gradients and in
-eval mode (no dropout). Checkpoints carry ``checkpoint["fm"]`` as pretraining's do (model config, vocabulary hash,
-RNG states) plus the head's name, so a fine-tuned checkpoint describes itself.
+``task.finetune.encoder_lr``, both on the same warmup-cosine schedule (a head with ``optim_groups`` gives its own
+groups). A frozen encoder runs without gradients and in eval mode (no dropout). The step, the NaN policy, RNG and the
+checkpoint's ``fm`` entry are the shared training plan's (fm.tasks.base): checkpoints carry ``checkpoint["fm"]`` as
+pretraining's do (model config, vocabulary hash, RNG states) plus the head's name, so a fine-tuned checkpoint
+describes itself.
 """
 
 from __future__ import annotations
@@ -18,10 +20,9 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Literal
 
-import lightning as L
 import torch
 
-from fm import keys
+from fm.ckpt_meta import CKPT_KEY, CheckpointMismatchError, check_checkpoint_meta, check_head
 from fm.heads.base import LossOutput, check_fields
 from fm.heads.expression import ExpressionConfig
 from fm.heads.generative import GenerativeConfig
@@ -29,14 +30,8 @@ from fm.heads.registry import HEADS
 from fm.heads.velocity import VelocityConfig
 from fm.model.config import ZorroConfig, model_width
 from fm.model.zorro import ZorroEncoder
-from fm.tasks.optim import OptimConfig, param_groups, warmup_cosine
-from fm.tasks.pretrain import (
-    CKPT_KEY,
-    CheckpointMismatchError,
-    check_checkpoint_meta,
-    rng_state,
-    set_rng_state,
-)
+from fm.tasks.base import TaskBase
+from fm.tasks.optim import OptimConfig, param_groups
 
 log = logging.getLogger(__name__)
 
@@ -85,15 +80,7 @@ def load_encoder_state(path: str | os.PathLike, vocab_hash: str | None) -> tuple
     return config, state
 
 
-def log_loss(task: L.LightningModule, out: LossOutput, stage: str, batch: dict) -> None:
-    """The total, the head's loss parts and its metrics as ``{stage}/...``; the total on the progress bar."""
-    n = batch[keys.B_GENE_MASK].shape[0]
-    task.log_dict(out.to_log(stage), batch_size=n, sync_dist=stage != "train")
-    if stage == "train":
-        task.log("loss", out.loss.detach(), prog_bar=True, logger=False, batch_size=n)
-
-
-class FinetuneTask(L.LightningModule):
+class FinetuneTask(TaskBase):
     """A Zorro encoder and one decoder head; the encoder frozen, partly or fully trainable.
 
     Args:
@@ -104,7 +91,10 @@ class FinetuneTask(L.LightningModule):
         optim: optimiser and schedule settings; ``optim.lr`` is the head's peak learning rate.
         vocab_hash: hash of the vocabulary the model embeds; stored in checkpoints and checked on load.
         seed: seeds the per-step input-corruption generator of heads that hide tokens.
+        nan_policy: on a non-finite loss on any rank, ``stop`` (every rank raises) or ``skip`` (every rank skips).
     """
+
+    loss_label = "fine-tuning"
 
     def __init__(
         self,
@@ -114,8 +104,8 @@ class FinetuneTask(L.LightningModule):
         optim: OptimConfig | Mapping | None = None,
         vocab_hash: str | None = None,
         seed: int = 0,
+        nan_policy: Literal["stop", "skip"] = "stop",
     ):
-        super().__init__()
         model = ZorroConfig.from_dict(dict(model)) if isinstance(model, Mapping) else model
         if isinstance(head, Mapping):
             fields = dict(head)
@@ -130,11 +120,11 @@ class FinetuneTask(L.LightningModule):
             raise ValueError(
                 f"FinetuneConfig.unfreeze_last: {finetune.unfreeze_last} > the encoder's depth {model.depth}"
             )
-        self.model_config, self.head_name, self.head_config = model, name, head
-        self.finetune_config, self.optim_config, self.vocab_hash, self.seed = finetune, optim, vocab_hash, seed
+        super().__init__(nan_policy=nan_policy, vocab_hash=vocab_hash, seed=seed, optim=optim)
+        self.model_config, self.head_name, self.head_config, self.finetune_config = model, name, head, finetune
         self.save_hyperparameters(
             {"model": model.to_dict(), "head": {"name": name, **asdict(head)}, "finetune": asdict(finetune),
-             "optim": asdict(optim), "vocab_hash": vocab_hash, "seed": seed}
+             "optim": asdict(optim), "vocab_hash": vocab_hash, "seed": seed, "nan_policy": nan_policy}
         )
         self.encoder = ZorroEncoder(model)
         self.head = HEADS[name][1](model_width(model), model.vocab_size, head)
@@ -179,40 +169,16 @@ class FinetuneTask(L.LightningModule):
             encoded = self.encoder(batch)
         return self.head.loss(batch, self.head(batch, encoded))
 
-    def training_step(self, batch: dict, batch_idx: int):
-        generator = torch.Generator().manual_seed(hash((self.seed, self.global_step)) % (2**63))
-        out = self.compute_loss(batch, generator)
-        if not out.is_finite():
-            raise FloatingPointError(
-                f"non-finite fine-tuning loss at step {self.global_step} "
-                f"(parts={ {k: v.item() for k, v in out.parts.items()} })"
-            )
-        self._log_loss(out, "train", batch)
-        return out.loss
-
-    def validation_step(self, batch: dict, batch_idx: int):
-        out = self.compute_loss(batch, torch.Generator().manual_seed(self.seed + batch_idx))
-        self._log_loss(out, "val", batch)
-        return out.loss
-
-    def _log_loss(self, out: LossOutput, stage: str, batch: dict) -> None:
-        log_loss(self, out, stage, batch)
-
-    def configure_optimizers(self):
-        # the head at optim.lr, the trainable encoder at finetune.encoder_lr, one warmup-cosine schedule for both
+    def optim_groups(self) -> list[dict]:
+        """The head at optim.lr (or the head's own groups), the trainable encoder at finetune.encoder_lr."""
         c = self.optim_config
-        total = c.total_steps or int(self.trainer.estimated_stepping_batches)
         head_groups = (self.head.optim_groups(c.lr, c.weight_decay) if hasattr(self.head, "optim_groups")
                        else [{**g, "lr": c.lr} for g in param_groups(self.head, c.weight_decay) if g["params"]])
-        groups = head_groups + [{**g, "lr": self.finetune_config.encoder_lr}
-                                for g in param_groups(self.encoder, c.weight_decay) if g["params"]]
-        opt = torch.optim.AdamW(groups, lr=c.lr, betas=(c.beta1, c.beta2), eps=c.eps)
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda step: warmup_cosine(step, c.warmup_steps, total, c.min_lr_ratio)
-        )
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        return head_groups + [{**g, "lr": self.finetune_config.encoder_lr}
+                              for g in param_groups(self.encoder, c.weight_decay) if g["params"]]
 
     def on_fit_start(self) -> None:
+        super().on_fit_start()
         self._warm_start_head()
         n_train = sum(p.numel() for p in self.encoder.parameters() if p.requires_grad)
         if self.trainer.is_global_zero:
@@ -238,18 +204,9 @@ class FinetuneTask(L.LightningModule):
             raise KeyError(f"{self.head_name} head warm start: unexpected entries {result.unexpected_keys}")
 
     # --- checkpoints ---------------------------------------------------------------------------------------
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint[CKPT_KEY] = {
-            "model_config": self.model_config.to_dict(),
-            "vocab_hash": self.vocab_hash,
-            "head": self.head_name,
-            "rng": rng_state(),
-        }
+    def checkpoint_meta(self) -> dict:
+        return {"model_config": self.model_config.to_dict(), "head": self.head_name}
 
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        meta = checkpoint.get(CKPT_KEY)
+    def check_checkpoint(self, meta: dict | None) -> None:
         check_checkpoint_meta(meta, self.vocab_hash, self.model_config, "checkpoint")
-        if meta.get("head") != self.head_name:
-            raise CheckpointMismatchError(f"checkpoint: head {meta.get('head')!r} differs from {self.head_name!r}")
-        if meta.get("rng") is not None:
-            set_rng_state(meta["rng"])
+        check_head(meta, self.head_name)

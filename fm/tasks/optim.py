@@ -1,6 +1,7 @@
 """Optimiser and learning-rate schedule: AdamW (no weight decay on biases, norms, embeddings) + warmup-cosine.
 
     opt, sched = build_optimizer(model, OptimConfig(lr=1e-3, warmup_steps=100), total_steps=10_000)
+    opt, sched = build_optimizer([{"params": head.parameters(), "lr": 1e-3}, ...], config, total_steps=10_000)
 
 The schedule is a ``LambdaLR`` stepped every optimiser step: linear warmup from 0 to ``lr`` over ``warmup_steps``,
 then cosine decay to ``min_lr_ratio * lr`` at ``total_steps`` (held there after).
@@ -58,17 +59,17 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def build_optimizer(
-    model: nn.Module, config: OptimConfig, total_steps: int
+    model: nn.Module | list[dict], config: OptimConfig, total_steps: int
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
-    """AdamW over ``model``'s trainable parameters and its warmup-cosine schedule."""
+    """AdamW and its warmup-cosine schedule, over ``model``'s trainable parameters (:func:`param_groups`) or over
+    the param groups given (a group without its own ``lr`` gets ``config.lr``)."""
     total = config.total_steps or total_steps
     if total is None or total <= 0:
         raise ValueError(
             f"warmup-cosine needs a positive total step count (OptimConfig.total_steps or max_steps), got {total}"
         )
-    opt = torch.optim.AdamW(
-        param_groups(model, config.weight_decay), lr=config.lr, betas=(config.beta1, config.beta2), eps=config.eps
-    )
+    groups = param_groups(model, config.weight_decay) if isinstance(model, nn.Module) else model
+    opt = torch.optim.AdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2), eps=config.eps)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda step: warmup_cosine(step, config.warmup_steps, total, config.min_lr_ratio)
     )

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from fm import finetune, train
+from fm.ckpt_meta import CKPT_KEY, CheckpointMismatchError
 from fm.tasks.baseline import BaselineTask, load_baseline
-from fm.tasks.pretrain import CKPT_KEY, CheckpointMismatchError
 from tests.integration.pretrain_helpers import TINY, LossRecorder, build_corpus
 
 pytestmark = pytest.mark.slow

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from fm import finetune, train
+from fm.ckpt_meta import CKPT_KEY, CheckpointMismatchError
 from fm.tasks.finetune import load_encoder_state
-from fm.tasks.pretrain import CKPT_KEY, CheckpointMismatchError
 from tests.integration.pretrain_helpers import TINY, LossRecorder, build_corpus, compose, run_module
 
 pytestmark = pytest.mark.slow

@@ -16,7 +16,7 @@ import torch
 from hydra.errors import MissingConfigException
 
 from fm import keys
-from fm.tasks.pretrain import CheckpointMismatchError
+from fm.ckpt_meta import CheckpointMismatchError
 from fm.train import run
 from tests.integration.pretrain_helpers import LossRecorder, build_corpus, compose, run_module
 

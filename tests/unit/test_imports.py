@@ -166,3 +166,29 @@ def test_no_private_name_is_imported_across_modules():
                 wrong += [f"{path.relative_to(ROOT)}:{node.lineno} imports {node.module}.{a.name}" for a in node.names
                           if a.name.startswith("_") and not a.name.startswith("__")]
     assert not wrong, "; ".join(wrong)
+
+
+RELEASE = ("fm.checkpoint", "fm.predict")  # what loads and runs a release: no training code (DESIGN.md section 1)
+
+
+def test_the_release_imports_no_training_code():
+    """``fm.checkpoint`` and ``fm.predict`` import nothing from ``fm.tasks``: neither themselves (counting the imports
+    inside their functions) nor through any module they load (its module-level imports)."""
+    found = edges()
+    reached, todo, via = set(), list(RELEASE), {}
+    while todo:
+        module = todo.pop()
+        for e in found:
+            if e.source == module and (e.top_level or module in RELEASE) and e.target not in reached:
+                reached.add(e.target)
+                via[e.target] = e
+                todo.append(e.target)
+    wrong = sorted(m for m in reached if m == "fm.tasks" or m.startswith("fm.tasks."))
+
+    def path(module: str) -> str:
+        chain = [via[module]]
+        while chain[-1].source not in RELEASE:
+            chain.append(via[chain[-1].source])
+        return _describe(chain[::-1])
+
+    assert not wrong, "the release imports training code: " + "; ".join(path(m) for m in wrong)
