@@ -55,8 +55,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 QUERY_BUDGET = 1 << 27  # most attention-score elements (cells x queries x heads x keys) of one decoder call
-MODALITY_LAYERS = {"spliced": keys.LAYER_SPLICED, "unspliced": keys.LAYER_UNSPLICED}
-LIBRARY_KEYS = {"spliced": keys.B_LIBRARY_SIZE_SPLICED, "unspliced": keys.B_LIBRARY_SIZE_UNSPLICED}
 
 
 # --- input -----------------------------------------------------------------------------------------------------------
@@ -346,10 +344,14 @@ def _query_chunk(B: int, L: int, n_heads: int, D: int) -> int:
 
 def _run_head(plan: _Plan, tensors: dict, enc, block: CellBlock, genes: GeneMap, vocab_to_m: np.ndarray,
               out: dict[str, np.ndarray], a: int, b: int) -> None:
-    """Query every in-vocabulary gene of cells a:b in chunks; write the head's outputs into ``out``'s layers."""
+    """Query every in-vocabulary gene of cells a:b in chunks; write the head's outputs into ``out``'s layers.
+
+    A head's outputs are written chunk by chunk, unless it declares outputs to gather over all of a cell's genes
+    first (``predict_gathered``); its ``predict_reduce`` then makes the layers from them.
+    """
     import torch
 
-    from fm.heads.expression import GeneQuery, expected_counts
+    from fm.heads.expression import GeneQuery
 
     head, dev = plan.model.head, enc.z_global.device
     M = len(genes.vocab_ids_M)
@@ -361,8 +363,7 @@ def _run_head(plan: _Plan, tensors: dict, enc, block: CellBlock, genes: GeneMap,
     B, G = ids_BG.shape
     D = enc.z_global.shape[-1]
     step = _query_chunk(B, 2 * G + enc.h_fusion.shape[1], head.config.n_heads, D)
-    expression = plan.model.head_name == "expression" and head.config.loss != "mse"
-    logits = {name: np.empty((B, M), np.float32) for name in MODALITY_LAYERS} if expression else {}
+    gathered = {name: np.empty((B, M), np.float32) for name in head.predict_gathered()}
     for j0 in range(0, M, step):
         j1 = min(j0 + step, M)
         q_Q = query_M[j0:j1]
@@ -375,19 +376,19 @@ def _run_head(plan: _Plan, tensors: dict, enc, block: CellBlock, genes: GeneMap,
         )
         pred = head(tensors, enc, query=query)
         cols = genes.columns_M[j0:j1]
-        if expression:
-            for name in MODALITY_LAYERS:
-                logits[name][:, j0:j1] = pred[f"{name}_logits"].float().cpu().numpy()
+        if gathered:
+            for name, gathered_BM in gathered.items():
+                gathered_BM[:, j0:j1] = pred[name].float().cpu().numpy()
             continue
         for name, layer in plan.layers.items():
             out[layer][a:b, cols] = pred[name].float().cpu().numpy()
         if j0 == 0:  # per-cell outputs: the same in every chunk
             for name, column in plan.obs.items():
                 out[column][a:b] = pred[name].float().cpu().numpy()
-    for name, logits_BM in logits.items():  # softmax over all of the cell's queried genes
-        mu_BM = expected_counts(torch.from_numpy(logits_BM), torch.ones(B, M, dtype=torch.bool),
-                                tensors[LIBRARY_KEYS[name]].float().cpu())
-        out[plan.layers[name]][a:b, genes.columns_M] = mu_BM.numpy()
+    if gathered:
+        reduced = head.predict_reduce({k: torch.from_numpy(v) for k, v in gathered.items()}, tensors)  # on the CPU
+        for name, layer in plan.layers.items():
+            out[layer][a:b, genes.columns_M] = reduced[name].float().numpy()
 
 
 def _h5ad_safe(value):

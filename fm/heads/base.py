@@ -9,7 +9,9 @@ A head turns the encoder's output into predictions and a loss:
 A head that needs its input corrupted before the encoder sees it (masked-value reconstruction) does that in
 ``prepare(batch, generator)``, which the task calls before the encoder; the default returns the batch untouched.
 A head declares what ``fm predict`` writes from its outputs (``predict_layers``: output -> AnnData layer and what it
-holds), so that prediction, export and evaluation hold no head names; ``uses_encoder`` is False for the baselines,
+holds; ``predict_gathered`` / ``predict_reduce`` for outputs that need all of a cell's genes at once) and which gene
+table fine-tuning seeds from the encoder (``gene_table``), so that prediction, export, evaluation and fine-tuning hold
+no head names; ``uses_encoder`` is False for the baselines,
 which are released and run without an encoder, their outputs dense over the vocabulary [B, V].
 Heads are single-device modules: they never call torch.distributed themselves (global negatives go through
 :mod:`fm.distributed`).
@@ -107,6 +109,20 @@ class Head(nn.Module):
     def predict_obs(self) -> dict[str, PredictLayer]:
         """Per-cell output name ([B]) -> the ``obs`` column ``fm predict`` writes it to (default: none)."""
         return {}
+
+    def predict_gathered(self) -> tuple[str, ...]:
+        """Per-gene outputs ``fm predict`` gathers over all of a cell's gene chunks and hands to
+        :meth:`predict_reduce`, which then makes the ``predict_layers`` outputs (default: none; each chunk's outputs
+        are written as they come)."""
+        return ()
+
+    def predict_reduce(self, gathered: dict[str, Tensor], batch: dict) -> dict[str, Tensor]:
+        """The ``predict_layers`` outputs [B, M] from the gathered outputs [B, M] over a cell's M queried genes."""
+        raise NotImplementedError(f"{type(self).__name__} gathers {self.predict_gathered()} but has no predict_reduce")
+
+    def gene_table(self) -> nn.Embedding | None:
+        """The head's own gene embedding [V, D] that fine-tuning seeds from the encoder's (default: none)."""
+        return None
 
     def prepare(self, batch: dict, generator: torch.Generator | None = None) -> dict:
         """Return the batch the encoder should see (default: unchanged)."""

@@ -223,6 +223,22 @@ class ExpressionHead(Head):
             f"{name} library size, softmax over all of the input's in-vocabulary genes"))
             for name in (keys.LAYER_SPLICED, keys.LAYER_UNSPLICED)}  # fmt: skip
 
+    def predict_gathered(self) -> tuple[str, ...]:
+        """nb/zinb: the rate logits, whose softmax over all of a cell's genes gives the expected counts."""
+        return () if self.config.loss == "mse" else tuple(f"{name}_logits" for name in MODALITIES)
+
+    def predict_reduce(self, gathered: dict[str, Tensor], batch: dict) -> dict[str, Tensor]:
+        """Expected counts per modality: softmax of the logits over all M queried genes, at the library size."""
+        out = {}
+        for name in MODALITIES:
+            logits_BM = gathered[f"{name}_logits"]
+            library_B = batch[LIBRARY[name]].float().to(logits_BM.device)
+            out[name] = expected_counts(logits_BM, torch.ones_like(logits_BM, dtype=torch.bool), library_B)
+        return out
+
+    def gene_table(self) -> nn.Embedding:
+        return self.decoder.gene_queries
+
     def prepare(self, batch: dict, generator: torch.Generator | None = None) -> dict:
         """Hide ``mask_fraction`` of each cell's real tokens from the encoder (at least one token stays visible)."""
         if self.config.mask_fraction == 0:

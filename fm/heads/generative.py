@@ -137,6 +137,9 @@ class GenerativeHead(Head):
         self.blocks = nn.TransformerDecoder(layer, c.n_layers, norm=nn.LayerNorm(dim))
         self.out = nn.Linear(dim, 4)  # delta (s, u), log-variance (s, u)
 
+    def gene_table(self) -> nn.Embedding:
+        return self.gene_embedding
+
     def decode(
         self, batch: dict, encoder_output, dt_B: Tensor, future_BG2: Tensor, known_BG: Tensor
     ) -> tuple[Tensor, Tensor]:

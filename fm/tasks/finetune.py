@@ -152,8 +152,7 @@ class FinetuneTask(TaskBase):
     def init_encoder(self, state: dict, source: str = "checkpoint") -> None:
         """Load encoder weights (from :func:`load_encoder_state`); seed the head's gene table from them."""
         self.encoder.load_state_dict(state)
-        table = getattr(self.head, "decoder", None)
-        table = table.gene_queries if table is not None else getattr(self.head, "gene_embedding", None)
+        table = self.head.gene_table()
         if self.finetune_config.init_queries and table is not None:  # a head without a gene table has none to seed
             table.weight.copy_(self.encoder.gene_embedding.weight)
         log.info("encoder loaded from %s (%s; %s head)", source, self.finetune_config.encoder, self.head_name)
