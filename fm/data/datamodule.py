@@ -1,8 +1,9 @@
 """CorpusDataModule: a corpus folder as Lightning train/validation dataloaders (DESIGN §2-4).
 
 Construction reads and checks the manifest (format, schema version, vocabulary hash) and loads the vocabulary, so
-``dm.vocab`` and ``dm.manifest`` exist before ``setup``. ``setup`` checks every shard (size, Arrow footer, schema,
-record batches; sha256 too unless ``verify_checksums`` is off) and splits the cells:
+``dm.vocab`` and ``dm.manifest`` exist before ``setup``. ``setup`` checks every shard (size, Arrow footer, schema;
+sha256 once per file version unless ``verify_checksums`` is off; every record batch and a fresh sha256 with
+``deep_check``: fm.data.shards) and splits the cells:
 
 * ``split="hash"``: a cell is in validation iff a stable 64-bit hash of (dataset_id, cell_id) falls below
   ``val_fraction`` (fm.data.shards.hash_unit_interval), the same on every machine and run;
@@ -29,7 +30,7 @@ import numpy as np
 
 from fm import keys
 from fm.data.schema import VOCAB_NAME, CorpusError, Manifest, load_manifest
-from fm.data.shards import REMAINDERS, ShardReader, UnitIndex, check_shards, hash_unit_interval
+from fm.data.shards import REMAINDERS, ShardReader, UnitIndex, check_shards, unit_cell_hashes
 from fm.data.stream import ShardedArrowDataset, ShardedDataLoader
 from fm.data.tokenize import TokenizerConfig
 from fm.data.vocab import GeneVocab
@@ -60,7 +61,9 @@ class DataConfig:
     shuffle_buffer: int = 8192  # cells per shuffle window
     length_bucketing: bool = False  # batch cells of similar length (less padding; see docs/BENCHMARKS.md)
     tolerant: bool = False  # skip (and log) shards that fail their checks instead of failing
-    verify_checksums: bool = True  # sha256 every shard at setup (sizes, footers and schemas are always checked)
+    verify_checksums: bool = True  # sha256 of every shard against the manifest, once per file version (stamped in
+    # CORPUS/index/; sizes, footers and schemas are checked at every start)
+    deep_check: bool = False  # at every start: sha256 every shard, read every record batch, hash every cell id
     val_batch_size: int | None = None  # default: batch_size
     pin_memory: bool = False
     pad_to_multiple: int = 1  # gene tokens per modality padded to a multiple of this (few shapes for flex; 1: off)
@@ -105,7 +108,7 @@ class CorpusDataModule(L.LightningDataModule):
                  val_fraction: float = 0.05, split: str = "hash", val_datasets: list[str] | None = None,
                  remainder: str = "wrap", shuffle_buffer: int = 8192, length_bucketing: bool = False,
                  tolerant: bool = False, verify_checksums: bool = True, val_batch_size: int | None = None,
-                 pin_memory: bool = False, pad_to_multiple: int = 1):
+                 pin_memory: bool = False, pad_to_multiple: int = 1, deep_check: bool = False):
         super().__init__()
         args = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         args["val_datasets"] = list(val_datasets or [])
@@ -132,7 +135,8 @@ class CorpusDataModule(L.LightningDataModule):
         if self.train_index is not None:
             return
         cfg = self.config
-        ok = check_shards(cfg.corpus, self.manifest, checksum=cfg.verify_checksums, tolerant=cfg.tolerant)
+        ok = check_shards(cfg.corpus, self.manifest, checksum=cfg.verify_checksums, tolerant=cfg.tolerant,
+                          deep=cfg.deep_check)
         index = UnitIndex.from_manifest(cfg.corpus, self.manifest, ok)
         self.train_index, self.val_index = split_index(index, cfg)
         log.info("corpus %s: %d train cells in %d units, %d validation cells in %d units", cfg.corpus,
@@ -242,15 +246,7 @@ def split_index(index: UnitIndex, cfg: DataConfig) -> tuple[UnitIndex, UnitIndex
     elif cfg.val_fraction == 0:
         return index, UnitIndex(index.shard_paths, [])
     else:
-        t0, keep_val, readers = time.perf_counter(), [], {}
-        for u in index.units:
-            path = index.shard_paths[u.shard]
-            reader = readers.get(path) or readers.setdefault(path, ShardReader(path))
-            rb = reader.get_batch(u.batch)
-            if u.rows is not None:
-                rb = rb.take(u.rows)
-            keep_val.append(hash_unit_interval(rb.column(keys.DATASET_ID), rb.column(keys.CELL_ID)) < cfg.val_fraction)
-        for reader in readers.values():
-            reader.close()
+        t0 = time.perf_counter()
+        keep_val = [h < cfg.val_fraction for h in unit_cell_hashes(cfg.corpus, index, deep=cfg.deep_check)]
         log.info("hash split of %d cells took %.1f s", index.n_cells, time.perf_counter() - t0)
     return index.select([~k for k in keep_val]), index.select(keep_val)

@@ -18,6 +18,13 @@ Remainder policy (``remainder``), with R readers and batch size B:
   reading past its end into the following cells of the sequence (modulo N). Every cell is read at least once; the
   ``R*B*n_batches - N`` extra reads (fewer than ``R*B``) are the wrap fill.
 
+Start-up at corpus scale: a per-shard index file, ``CORPUS/index/part-NNNNN.npz`` (:func:`write_shard_index`),
+holds the shard's cell hashes for the hash split and a stamp of its last sha256 verification (the manifest digest,
+the file's size and mtime then). The shard writer makes it at conversion; a start that finds none (an older corpus)
+makes it once. Later starts check each shard's size and footer, trust the stamp while the file is unchanged, and load
+the hashes: O(shards) work, no record batch read. ``data.deep_check=true`` reads every record batch, hashes every
+shard and every cell id again (the index is ignored, and rewritten).
+
     python -c "from fm.data.shards import plan_epoch, UnitIndex; help(plan_epoch)"
 """
 
@@ -33,13 +40,15 @@ import numpy as np
 import pyarrow as pa
 
 from fm import keys
-from fm.data.schema import CORPUS_SCHEMA, SCHEMA_VERSION, CorpusError, Manifest, sha256_file
+from fm.data.schema import CORPUS_SCHEMA, SCHEMA_VERSION, CorpusError, Manifest, ShardInfo, sha256_file
+from fm.io import atomic_path
 
 log = logging.getLogger(__name__)
 
 REMAINDERS = ("drop", "wrap")
 _FNV_OFFSET = np.uint64(0xCBF29CE484222325)
 _FNV_PRIME = np.uint64(0x100000001B3)
+INDEX_DIR = "index"  # CORPUS/index/<shard stem>.npz: per-shard cell hashes and checksum stamp
 
 
 @dataclass(frozen=True)
@@ -55,8 +64,10 @@ class Unit:
 class UnitIndex:
     """The units of a corpus (or of one split of it), in manifest order."""
 
-    def __init__(self, shard_paths: list[str], units: list[Unit], targets: tuple[str, ...] = ()):
+    def __init__(self, shard_paths: list[str], units: list[Unit], targets: tuple[str, ...] = (),
+                 shard_infos: list[ShardInfo] | None = None):
         self.shard_paths = list(shard_paths)
+        self.shard_infos = shard_infos  # the manifest's entries of shard_paths (None: an index built by hand)
         self.targets = tuple(targets)  # optional per-gene columns (targets, moments) some dataset of the corpus fills
         self.units = [u for u in units if u.n_cells > 0]
         self.n_cells_U = np.array([u.n_cells for u in self.units], dtype=np.int64)
@@ -72,14 +83,15 @@ class UnitIndex:
     @classmethod
     def from_manifest(cls, corpus: str | os.PathLike, manifest: Manifest, shard_ok: list[bool] | None = None):
         """All record batches of the shards marked usable (all shards when ``shard_ok`` is None)."""
-        paths, units = [], []
+        paths, units, infos = [], [], []
         for i, s in enumerate(manifest.shards):
             if shard_ok is not None and not shard_ok[i]:
                 continue
             paths.append(str(Path(corpus) / s.path))
+            infos.append(s)
             units += [Unit(len(paths) - 1, b, int(n)) for b, n in enumerate(s.record_batch_rows)]
         filled = {t for d in manifest.datasets for t in d.targets}
-        return cls(paths, units, tuple(t for t in keys.GENE_VALUE_COLUMNS if t in filled))
+        return cls(paths, units, tuple(t for t in keys.GENE_VALUE_COLUMNS if t in filled), infos)
 
     def select(self, keep: list[np.ndarray]) -> UnitIndex:
         """A new index keeping, per unit, the rows where ``keep[u]`` (bool [rows]) is True."""
@@ -87,7 +99,7 @@ class UnitIndex:
         for u, k in zip(self.units, keep, strict=True):
             rows = np.flatnonzero(k) if u.rows is None else u.rows[k]
             units.append(Unit(u.shard, u.batch, len(rows), None if len(rows) == u.n_cells and u.rows is None else rows))
-        return UnitIndex(self.shard_paths, units, self.targets)
+        return UnitIndex(self.shard_paths, units, self.targets, self.shard_infos)
 
 
 def batches_per_reader(n_cells: int, n_readers: int, batch_size: int, remainder: str) -> int:
@@ -201,18 +213,25 @@ class ShardReader:
         self._file.close()
 
 
-def check_shard(corpus: str | os.PathLike, info, *, checksum: bool, source: str = "INPUT") -> None:
+def check_shard(corpus: str | os.PathLike, info, *, checksum: bool, source: str = "INPUT", deep: bool = False) -> None:
     """Raise CorpusError naming the file if a shard is missing, of the wrong size/checksum or malformed.
 
+    Always: size, footer (schema version, schema, record batch count). ``checksum``: sha256 against the manifest,
+    unless the shard's index file stamps a verification of this very file (same digest, size and mtime). ``deep``:
+    sha256 regardless of the stamp, and every record batch's row count.
     ``source``: the file the shard was converted from (the manifest's dataset source), for the rebuild command.
     """
     path = Path(corpus) / info.path
     if not path.is_file():
         raise CorpusError(f"{path}: shard listed in the manifest is missing")
-    size = path.stat().st_size
+    stat = path.stat()
+    size = stat.st_size
     if size != info.bytes:
         raise CorpusError(f"{path}: {size} bytes, manifest says {info.bytes}; truncated or rewritten shard")
-    if checksum and (digest := sha256_file(path)) != info.sha256:
+    index = None if deep else read_shard_index(corpus, info, with_hashes=False)
+    stamped = index is not None and (int(index["verified_bytes"]), int(index["verified_mtime_ns"])) == \
+        (size, stat.st_mtime_ns)
+    if checksum and not stamped and (digest := sha256_file(path)) != info.sha256:
         # the converter keeps a finished shard (same settings) on a re-run, so the bad one must be deleted first
         raise CorpusError(
             f"{path}: sha256 {digest[:12]} does not match the manifest's {info.sha256[:12]}; the file changed after "
@@ -232,16 +251,99 @@ def check_shard(corpus: str | os.PathLike, info, *, checksum: bool, source: str 
             raise CorpusError(
                 f"{path}: {reader.num_record_batches} record batches, manifest says {info.n_record_batches}"
             )
-        rows = [reader.get_batch(i).num_rows for i in range(reader.num_record_batches)]
-        if rows != list(info.record_batch_rows):
-            raise CorpusError(f"{path}: record batch rows differ from the manifest's record_batch_rows")
+        if deep:
+            rows = [reader.get_batch(i).num_rows for i in range(reader.num_record_batches)]
+            if rows != list(info.record_batch_rows):
+                raise CorpusError(f"{path}: record batch rows differ from the manifest's record_batch_rows")
     finally:
         reader.close()
+    if checksum and not stamped:  # verified now: stamp it, so the next start need not read the file again
+        index = read_shard_index(corpus, info)  # its hashes are good while the digest matches
+        hashes = index["cell_hash"] if index is not None else shard_cell_hashes(path)
+        write_shard_index(corpus, info, hashes, verified=(size, stat.st_mtime_ns))
+
+
+def shard_index_path(corpus: str | os.PathLike, info: ShardInfo) -> Path:
+    """``CORPUS/index/<shard stem>.npz``: the shard's index file."""
+    return Path(corpus) / INDEX_DIR / f"{Path(info.path).stem}.npz"
+
+
+def read_shard_index(corpus: str | os.PathLike, info: ShardInfo, *, with_hashes: bool = True) -> dict | None:
+    """The shard's index (``cell_hash`` [n_cells] float64 when ``with_hashes``, ``verified_bytes``,
+    ``verified_mtime_ns``: -1 when never verified), or None when there is none, it cannot be read, or it was made
+    for another file (another manifest digest or cell count)."""
+    path = shard_index_path(corpus, info)
+    names = ("sha256", "n_cells", "verified_bytes", "verified_mtime_ns") + (("cell_hash",) if with_hashes else ())
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            index = {k: f[k] for k in names}
+    except (OSError, KeyError, ValueError) as e:
+        if path.exists():
+            log.warning("%s: unreadable shard index, rebuilding it (%s)", path, e)
+        return None
+    if str(index["sha256"]) != info.sha256 or int(index["n_cells"]) != info.n_cells:
+        return None
+    return index
+
+
+def write_shard_index(corpus: str | os.PathLike, info: ShardInfo, cell_hash: np.ndarray,
+                      verified: tuple[int, int] | None = None) -> None:
+    """Write the shard's index file atomically; ``verified``: (size, mtime_ns) of a file whose sha256 matched.
+
+    A corpus on read-only storage keeps working without it (each start then does the work the index saves)."""
+    path = shard_index_path(corpus, info)
+    try:
+        with atomic_path(path) as tmp:
+            with open(tmp, "wb") as f:
+                np.savez(f, sha256=np.str_(info.sha256), n_cells=np.int64(len(cell_hash)),
+                         cell_hash=np.asarray(cell_hash, np.float64),
+                         verified_bytes=np.int64(verified[0] if verified else -1),
+                         verified_mtime_ns=np.int64(verified[1] if verified else -1))
+    except OSError as e:
+        log.info("%s: cannot write the shard index (%s); each start recomputes it", path, e)
+
+
+def shard_cell_hashes(path: str | os.PathLike) -> np.ndarray:
+    """:func:`hash_unit_interval` of every cell of a shard, in file order: float64 [n_cells]."""
+    reader = ShardReader(str(path))
+    try:
+        parts = [hash_unit_interval(rb.column(keys.DATASET_ID), rb.column(keys.CELL_ID))
+                 for rb in (reader.get_batch(i) for i in range(reader.num_record_batches))]
+    finally:
+        reader.close()
+    return np.concatenate(parts) if parts else np.zeros(0, np.float64)
+
+
+def unit_cell_hashes(corpus: str | os.PathLike, index: UnitIndex, *, deep: bool = False) -> list[np.ndarray]:
+    """Per unit of ``index``, its cells' :func:`hash_unit_interval`, from the shard index files (written where
+    missing; recomputed from the cell ids, and rewritten, when ``deep``)."""
+    if index.shard_infos is None:
+        raise ValueError("unit_cell_hashes needs a UnitIndex built from a manifest (UnitIndex.from_manifest)")
+    per_shard: dict[int, np.ndarray] = {}
+    out = []
+    for u in index.units:
+        if u.shard not in per_shard:
+            info = index.shard_infos[u.shard]
+            existing = read_shard_index(corpus, info, with_hashes=not deep)
+            if existing is not None and not deep:
+                hashes = existing["cell_hash"]
+            else:
+                hashes = shard_cell_hashes(index.shard_paths[u.shard])
+                stamp = (int(existing["verified_bytes"]), int(existing["verified_mtime_ns"])) \
+                    if existing is not None and int(existing["verified_bytes"]) >= 0 else None
+                write_shard_index(corpus, info, hashes, verified=stamp)
+            per_shard[u.shard] = hashes
+        info = index.shard_infos[u.shard]
+        start = int(sum(info.record_batch_rows[: u.batch]))
+        h = per_shard[u.shard][start: start + info.record_batch_rows[u.batch]]
+        out.append(h if u.rows is None else h[u.rows])
+    return out
 
 
 def check_shards(corpus: str | os.PathLike, manifest: Manifest, *, checksum: bool = False,
-                 tolerant: bool = False) -> list[bool]:
-    """Check every shard before training (size, footer, schema, record batches; sha256 when ``checksum``).
+                 tolerant: bool = False, deep: bool = False) -> list[bool]:
+    """Check every shard before training (size, footer, schema; sha256 when ``checksum``, once per file version
+    unless ``deep``; every record batch too when ``deep``: see :func:`check_shard`).
 
     Returns one flag per manifest shard (True: usable). Without ``tolerant`` the first bad shard raises; with it,
     bad shards are skipped, each logged, and the count is logged. Shards are checked on threads: sha256 reads every
@@ -251,7 +353,7 @@ def check_shards(corpus: str | os.PathLike, manifest: Manifest, *, checksum: boo
 
     def check(info) -> CorpusError | None:
         try:
-            check_shard(corpus, info, checksum=checksum, source=sources.get(info.dataset_id, "INPUT"))
+            check_shard(corpus, info, checksum=checksum, source=sources.get(info.dataset_id, "INPUT"), deep=deep)
         except CorpusError as e:
             return e
         return None

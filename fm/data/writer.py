@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from fm import __version__
+from fm import __version__, keys
 from fm.data.schema import (
     CORPUS_SCHEMA,
     MANIFEST_NAME,
@@ -26,6 +26,7 @@ from fm.data.schema import (
     ShardInfo,
     sha256_file,
 )
+from fm.data.shards import hash_unit_interval, write_shard_index
 from fm.data.vocab import GeneVocab
 from fm.io import atomic_path, atomic_write_text
 
@@ -82,15 +83,21 @@ def write_shard(
     with atomic_path(path) as tmp, pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
         for b in batches:
             writer.write_batch(b.replace_schema_metadata(schema.metadata))
-    return ShardInfo(
+    stat = path.stat()
+    info = ShardInfo(
         path=f"{path.parent.name}/{path.name}",
         n_cells=table.num_rows,
         n_record_batches=len(rows),
         record_batch_rows=rows,
-        bytes=path.stat().st_size,
+        bytes=stat.st_size,
         sha256=sha256_file(path),
         dataset_id=dataset_id,
     )
+    # the start-up index (fm.data.shards): cell hashes for the split, and this verification's stamp
+    cell_hash = hash_unit_interval(table.column(keys.DATASET_ID).combine_chunks(),
+                                   table.column(keys.CELL_ID).combine_chunks())
+    write_shard_index(path.parent.parent, info, cell_hash, verified=(stat.st_size, stat.st_mtime_ns))
+    return info
 
 
 def write_manifest(
