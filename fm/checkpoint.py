@@ -18,7 +18,6 @@ import json
 import logging
 import os
 import re
-import tempfile
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -88,20 +87,11 @@ class Pretrained:
 # --- export ----------------------------------------------------------------------------------------------------------
 def read_training_checkpoint(path: Path) -> dict:
     """A Lightning checkpoint file, or a DeepSpeed ZeRO folder consolidated to one fp32 checkpoint first."""
-    import torch
+    from fm.ckpt_io import load_training_checkpoint
 
-    from fm.distributed import consolidate_zero_checkpoint
-
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no such checkpoint file or DeepSpeed folder")
     # a training checkpoint holds optimizer and loop state (pickled); it is the user's own file, and exporting
     # it is how that pickle is left behind
-    if path.is_dir():
-        with tempfile.TemporaryDirectory() as tmp:
-            ckpt = torch.load(consolidate_zero_checkpoint(path, Path(tmp) / "consolidated.ckpt"),
-                              map_location="cpu", weights_only=False)
-    else:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    ckpt = load_training_checkpoint(path)
     meta = ckpt.get(CKPT_KEY) if isinstance(ckpt, dict) else None
     # an encoder's checkpoint records its model config; a baseline's (no encoder) its head and the head's config
     if not meta or not ("model_config" in meta or ("head" in meta and "head_config" in meta)):

@@ -192,10 +192,12 @@ def run(cfg: DictConfig, callbacks: list | None = None) -> dict:
 
 
 def init_from_checkpoint(task, path: str | os.PathLike) -> None:
-    """Initialise ``task``'s weights from a checkpoint (vocabulary and architecture checked); not a resume."""
+    """Initialise ``task``'s weights from a checkpoint file or ZeRO folder (vocabulary and architecture checked);
+    not a resume."""
+    from fm.ckpt_io import load_training_checkpoint
     from fm.ckpt_meta import CKPT_KEY, check_checkpoint_meta
 
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    ckpt = load_training_checkpoint(path)  # a file or a DeepSpeed ZeRO folder
     check_checkpoint_meta(ckpt.get(CKPT_KEY), task.vocab_hash, task.model_config, str(path))
     task.load_state_dict(ckpt["state_dict"])
     log.info("initialised weights from %s", path)
