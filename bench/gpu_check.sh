@@ -22,7 +22,7 @@ step() {  # step SECONDS command...
 }
 "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'gpu_check: no CUDA device')" || exit 1
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
-step 150 "$PY" -m pytest -q -m gpu tests/unit
+step 150 "$PY" -m pytest -q -m gpu tests/unit tests/integration
 step 90 "$PY" -m bench.attention --genes 2048 --batch 8 --heads 12 --head-dim 64 --reps 5 $WRITE
 for attn in flex flash; do
   step 120 "$PY" bench/train_step.py --presets base --genes 2048 --batch 32 64 --attention $attn \
