@@ -35,8 +35,9 @@ Training modes (``mode``):
   gene, hence only as an addition. The decoder is the expression decoder's gene-query cross-attention pooling
   (:class:`fm.heads.expression.GeneQueryDecoder`), five numbers per (cell, gene): a free ds/dt and du/dt and logits
   of alpha, beta, gamma. ``velocity_param``: ``direct`` (default) the free ds/dt, du/dt; ``rates`` the kinetic form
-  on the cell's state, ds/dt = beta u - gamma s, du/dt = alpha - beta u, with positive per-cell rates
-  (``rate_max`` x sigmoid, as cellDancer's).
+  on the cell's state (normalised values, the tokenizer's log1p undone, in the units of a teacher's target and of
+  the ``Ms`` layers ``fm predict`` writes), ds/dt = beta u - gamma s, du/dt = alpha - beta u, with positive
+  per-cell rates (``rate_max`` x sigmoid, as cellDancer's).
 
 The kinetic (cellDancer-style) objective that was here, "the velocity points at some neighbour in the batch", was
 removed: measured on a simulation it scored the true velocity (0.752) no better than its negation (0.750), and
@@ -245,8 +246,9 @@ class VelocityHead(Head):
 
     @property
     def moment_units(self) -> str:
-        """The units of the moments the velocity is in: ``normalised`` (dynamical) or ``log1p`` (the model's inputs)."""
-        return "normalised" if self.config.mode == "dynamical" else "log1p"
+        """The units of the moments the velocity is in: ``normalised`` counts, in every mode (the dynamical model's
+        state; a teacher's target, computed on normalised moments; the rates' kinetics on the undone log1p)."""
+        return "normalised"
 
     def forward(self, batch: dict, encoder_output, query: GeneQuery | None = None) -> dict[str, Tensor]:
         """Per query gene: velocity (ds/dt), velocity_u (du/dt), alpha, beta, gamma (and, dynamical, confidence and
@@ -265,7 +267,8 @@ class VelocityHead(Head):
             raw_BQ5, _ = self.decoder(query.gene_ids_BQ, encoder_output, query.token_BQ)
             u_BQ, s_BQ, query_BQ = query.unspliced_BQ, query.spliced_BQ, query.mask_BQ.bool()
         alpha_BQ, beta_BQ, gamma_BQ = (c.rate_max * torch.sigmoid(raw_BQ5[..., 2:])).unbind(-1)
-        if c.velocity_param == "rates":
+        if c.velocity_param == "rates":  # the kinetics act on normalised values (the tokenizer's log1p undone), as
+            u_BQ, s_BQ = torch.expm1(u_BQ), torch.expm1(s_BQ)  # a teacher's target and the moments' layers are
             velocity_BQ, velocity_u_BQ = beta_BQ * u_BQ - gamma_BQ * s_BQ, alpha_BQ - beta_BQ * u_BQ
         else:
             velocity_BQ, velocity_u_BQ = raw_BQ5[..., 0], raw_BQ5[..., 1]

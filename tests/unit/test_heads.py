@@ -192,7 +192,7 @@ def test_velocity_shapes_rates_positive(sim):
             assert out[name].shape == (B, G)
         assert all((out[r] > 0).all() and (out[r] < head.config.rate_max).all() for r in ("alpha", "beta", "gamma"))
         if param == "rates":
-            expected = out["beta"] * batch[keys.B_UNSPLICED] - out["gamma"] * batch[keys.B_SPLICED]
+            expected = out["beta"] * batch[keys.B_UNSPLICED].expm1() - out["gamma"] * batch[keys.B_SPLICED].expm1()
             torch.testing.assert_close(out["velocity"], expected)
         assert head.loss(batch, out).is_finite()
 
