@@ -30,6 +30,7 @@ from fm.baselines.celldancer import CellDancerConfig
 from fm.baselines.registry import BASELINES
 from fm.baselines.scscope import ScScopeConfig
 from fm.baselines.scvi import SCVIConfig
+from fm.ckpt_io import load_training_checkpoint
 from fm.ckpt_meta import CKPT_KEY, CheckpointMismatchError, check_head
 from fm.heads.base import LossOutput
 from fm.tasks.base import TaskBase
@@ -138,7 +139,7 @@ class BaselineTask(TaskBase):
 
 def load_baseline(path, vocab_hash: str | None = None) -> BaselineTask:
     """A trained BaselineTask from one of its checkpoint files (head and vocabulary checked; eval mode)."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    ckpt = load_training_checkpoint(path)  # a file or a DeepSpeed ZeRO folder
     meta = ckpt.get(CKPT_KEY) if isinstance(ckpt, dict) else None
     if not isinstance(meta, dict) or meta.get("head") not in BASELINES:
         raise CheckpointMismatchError(f"{path}: not an fm baseline checkpoint (no '{CKPT_KEY}.head' naming a baseline)")

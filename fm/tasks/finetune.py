@@ -22,6 +22,7 @@ from typing import Literal
 
 import torch
 
+from fm.ckpt_io import load_training_checkpoint
 from fm.ckpt_meta import CKPT_KEY, CheckpointMismatchError, check_checkpoint_meta, check_head
 from fm.heads.base import LossOutput, check_fields
 from fm.heads.expression import ExpressionConfig
@@ -62,12 +63,13 @@ def head_name(config) -> str:
 
 
 def load_encoder_state(path: str | os.PathLike, vocab_hash: str | None) -> tuple[ZorroConfig, dict]:
-    """The encoder config and weights of a pretraining (or fine-tuning) checkpoint file; vocabulary checked.
+    """The encoder config and weights of a pretraining (or fine-tuning) checkpoint, a file or a ZeRO folder;
+    vocabulary checked.
 
     Raises:
         CheckpointMismatchError: not an fm checkpoint, another vocabulary, or no encoder weights (names file, field).
     """
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    ckpt = load_training_checkpoint(path)  # a file or a DeepSpeed ZeRO folder
     meta = ckpt.get(CKPT_KEY) if isinstance(ckpt, dict) else None
     if meta is None or "model_config" not in meta:
         raise CheckpointMismatchError(f"{path}: not an fm training checkpoint (no '{CKPT_KEY}.model_config' entry)")
