@@ -1,6 +1,6 @@
 """The README's main job on a built-in default: the whole pipeline on simulated data, on one CPU, in minutes.
 
-    fm demo --out runs/demo                          # 68 s on 2 idle CPU cores, 7 min on loaded ones
+    fm demo --out runs/demo                          # 4 min on 2 busy CPU cores
     fm demo --out runs/demo --steps 0                # data pipeline only (simulate, convert, validate, stream)
 
 Stages: simulate a training dataset and a held-out one (same genes, kinetics jittered by 5 %, other cells and seed)
