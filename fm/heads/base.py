@@ -58,6 +58,16 @@ def _matches(value, hint) -> bool:
     return True  # containers and classes: not checked here
 
 
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Two optimiser groups: matrices (decayed) and everything 0/1-dimensional (biases, norms, scalars; not decayed).
+    Here, below the tasks, so that a head can declare its own groups (``optim_groups``) without training code."""
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():
+        if p.requires_grad:
+            (decay if p.dim() >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
 @dataclass
 class LossOutput:
     """A head's loss: the weighted total that is optimised, plus named parts and metrics for logging.

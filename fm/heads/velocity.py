@@ -65,7 +65,7 @@ import torch
 from torch import Tensor, nn
 
 from fm import keys
-from fm.heads.base import Head, LossOutput, PredictLayer, check_fields
+from fm.heads.base import Head, LossOutput, PredictLayer, check_fields, param_groups
 from fm.heads.expression import GeneQuery, GeneQueryDecoder, batch_union, build_config, densify
 from fm.velocity.dynamical import PARAMS, kinetic_rates, switching_state
 
@@ -383,8 +383,6 @@ class VelocityHead(Head):
     def optim_groups(self, lr: float, weight_decay: float) -> list[dict]:
         """Parameter groups with their peak learning rates: the kinetics at ``kinetics_lr`` without decay (per-gene
         rates; a fit, as fm_dynamical's Adam at 0.05), the rest at ``lr`` (``param_groups``' decay rule)."""
-        from fm.tasks.optim import param_groups
-
         if self.config.mode != "dynamical":
             return [{**g, "lr": lr} for g in param_groups(self, weight_decay) if g["params"]]
         kin = [p for p in self.kinetics.parameters() if p.requires_grad]
