@@ -35,3 +35,15 @@ def record(section: str, text: str, *, intro: str = "", path: Path = BENCHMARKS)
     rest = ["", *lines[end:]] if end < len(lines) else []
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, "\n".join(lines[:start] + section + gap + new + rest) + "\n")
+
+
+def velocity_bench_logging() -> None:
+    """What the velocity benchmarks share before they run: fm's INFO log lines, scVelo silent, no warnings."""
+    import logging
+    import warnings
+
+    import scvelo as scv
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    scv.settings.verbosity = 0
+    warnings.simplefilter("ignore")

@@ -39,7 +39,6 @@ import os
 import platform
 import sys
 import time
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -49,7 +48,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.figures import PANCREAS  # noqa: E402
-from bench.report import record  # noqa: E402
+from bench.report import record, velocity_bench_logging  # noqa: E402
 
 log = logging.getLogger("bench.velocity")
 
@@ -267,11 +266,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="also time fm_dynamical alone on these simulation sizes (seed 7)")
     p.add_argument("--write", action="store_true", help=f"add the run to docs/BENCHMARKS.md ('## {SECTION}')")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    import scvelo as scv
-
-    scv.settings.verbosity = 0
-    warnings.simplefilter("ignore")
+    velocity_bench_logging()
     t0 = time.perf_counter()
     sim = [r for t_max in args.t_max for size in args.sizes for seed in args.seeds
            for r in simulation_rows(size, seed, args.methods, t_max, args.head_steps)]

@@ -43,7 +43,6 @@ import platform
 import sys
 import tempfile
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,7 +51,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.report import record  # noqa: E402
+from bench.report import record, velocity_bench_logging  # noqa: E402
 
 log = logging.getLogger("bench.velocity_zero_shot")
 
@@ -343,14 +342,11 @@ def main(argv: list[str] | None = None) -> int:
                    "releases a run with the same arguments left there (the minutes then leave those steps out)")
     p.add_argument("--write", action="store_true", help=f"add the run to docs/BENCHMARKS.md ('## {SECTION}')")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    import scvelo as scv
+    velocity_bench_logging()
     import torch
 
     from fm.checkpoint import load_pretrained
 
-    scv.settings.verbosity = 0
-    warnings.simplefilter("ignore")
     t_start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         workdir = args.workdir or Path(tmp)
